@@ -1,0 +1,1 @@
+"""Geometry, displacement fields, data reading and evaluation shared by every script."""
