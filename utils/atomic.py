@@ -13,13 +13,14 @@ def atomic_path(path, suffix: str | None = None):
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
 
     The temporary file lives in the destination directory so ``os.replace`` is an atomic rename on
-    the same file system. ``suffix`` (default: the destination's) keeps writers that dispatch on
-    the extension (numpy adds ``.npy``, pandas infers compression) writing where we expect.
+    the same file system; its name starts with a dot and ends with ``.partial`` plus ``suffix``
+    (default: the destination's own), so writers that dispatch on the extension (numpy appends
+    ``.npy`` to other names, pandas infers compression) write exactly where we expect.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=(path.suffix if suffix is None else suffix) + ".tmp", dir=path.parent
+        prefix=f".{path.name}.", suffix=".partial" + (path.suffix if suffix is None else suffix), dir=path.parent
     )
     os.close(handle)
     tmp_path = Path(tmp_name)
