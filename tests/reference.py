@@ -81,6 +81,12 @@ def ddf(transform, scale, height, width):
     return (transform @ points_mm - points_mm)[:3]
 
 
+def ddf_points(transform, scale, points):
+    """[3, P] displacement (T S p - S p)[0:3] of arbitrary homogeneous pixels points [4, P], mm."""
+    points_mm = scale @ np.asarray(points, dtype=np.float64)
+    return (transform @ points_mm - points_mm)[:3]
+
+
 def scan_ddfs(tforms, calib_r_t, scale, height, width):
     """GP, LP [N-1, 3, H*W] of a scan from tracker poses, float64."""
     n = len(tforms)
@@ -101,3 +107,21 @@ def cal_dist(label, pred, mode="all"):
     if mode == "landmark":
         return np.sqrt(((label - pred) ** 2).sum(axis=0)).mean()
     raise ValueError(mode)
+
+
+def scan_transforms(tforms, calib_r_t):
+    """Global T_{0<-i} and local T_{i-1<-i} [N-1, 4, 4] of a scan, i = 1..N-1, float64."""
+    n = len(tforms)
+    glob = np.stack([frame_to_frame(tforms, calib_r_t, 0, i) for i in range(1, n)])
+    loc = np.stack([frame_to_frame(tforms, calib_r_t, i - 1, i) for i in range(1, n)])
+    return glob, loc
+
+
+def perturbed_tforms(rng, tforms, step_mm=0.5, step_rad=0.01):
+    """A drifting 'prediction' of a trajectory: each pose times an accumulated random rigid error."""
+    out = np.empty_like(tforms)
+    error = np.eye(4)
+    for i in range(len(tforms)):
+        out[i] = tforms[i] @ error
+        error = error @ rigid(*rng.normal(0, step_rad, 3), rng.normal(0, step_mm, 3))
+    return out
