@@ -1,0 +1,61 @@
+"""Pictures of a scan's reconstruction: frame-corner trajectories in 3D and drift against frame index."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+
+from utils.atomic import atomic_path  # noqa: E402
+
+
+def plot_corner_trajectories(corners_true, corners_pred, path, title: str = "", every: int = 1) -> None:
+    """3D plot of the four image corners of every frame, ground truth against prediction.
+
+    Args:
+        corners_true, corners_pred: [N, 3, 4] corner positions in the first frame's image mm
+            (frame 0 included), corners in the order of ``utils.transform.image_corners``:
+            (1,1), (W,1), (1,H), (W,H). ``corners_pred`` may be None.
+        path: PNG to write (atomically).
+        every: draw the outline of every ``every``-th frame; corner tracks use all frames.
+    """
+    fig = plt.figure(figsize=(7, 6))
+    ax = fig.add_subplot(projection="3d")
+    series = [("ground truth", corners_true, "tab:blue")]
+    if corners_pred is not None:
+        series.append(("prediction", corners_pred, "tab:red"))
+    outline = [0, 1, 3, 2, 0]  # corner order is row-major, so walk the rectangle 0-1-3-2
+    for label, corners, colour in series:
+        corners = np.asarray(corners)
+        for k in range(4):
+            ax.plot(*corners[:, :, k].T, color=colour, lw=0.8, label=label if k == 0 else None)
+        for frame in corners[::every]:
+            ax.plot(*frame[:, outline], color=colour, lw=0.3, alpha=0.5)
+    ax.set_xlabel("x (mm)")
+    ax.set_ylabel("y (mm)")
+    ax.set_zlabel("z (mm)")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def plot_drift(frame_errors, path, title: str = "", ylabel: str = "mean pixel error (mm)") -> None:
+    """Per-frame global error against frame index (frames 1..N-1): how the chained pose drifts."""
+    frame_errors = np.asarray(frame_errors)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(np.arange(1, len(frame_errors) + 1), frame_errors, lw=1.0)
+    ax.set_xlabel("frame index")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
