@@ -292,12 +292,12 @@ def test_missing_landmark_file(tmp_path):
 
 def test_landmarks_not_int(tmp_path):
     frames, tforms, landmarks = good()
-    expect_error(tmp_path, {"frames": frames, "tforms": tforms}, r"landmark_005.h5 \['scan'\]: landmarks must be integers \[K, 3\], got dtype float64", {"scan": landmarks.astype(np.float64)})
+    expect_error(tmp_path, {"frames": frames, "tforms": tforms}, r"landmark_005.h5 \['scan'\]: landmarks must be integers, got dtype float64", {"scan": landmarks.astype(np.float64)})
 
 
 def test_landmarks_wrong_shape(tmp_path):
     frames, tforms, landmarks = good()
-    expect_error(tmp_path, {"frames": frames, "tforms": tforms}, r"landmark_005.h5 \['scan'\]: landmarks must be \[K, 3\] \(frame, x, y\), got shape \(3, 5\)", {"scan": landmarks.T})
+    expect_error(tmp_path, {"frames": frames, "tforms": tforms}, r"landmark_005.h5 \['scan'\]: landmarks must be \[K, 3\] \(frame from 0, x from 1, y from 1\), got shape \(3, 5\)", {"scan": landmarks.T})
 
 
 @pytest.mark.parametrize(
@@ -305,9 +305,9 @@ def test_landmarks_wrong_shape(tmp_path):
     [
         (0, 0, r"has frame index 0, expected 1..4 \(frame 0 has no displacement field row"),
         (0, 5, r"has frame index 5, expected 1..4"),
-        (1, 0, r"has x 0, expected 1..10 \(x counts columns from 1 to W=10\)"),
+        (1, 0, r"has x 0, expected 1..10 \(x counts columns from 1 to W=10;"),
         (1, 11, r"has x 11, expected 1..10"),
-        (2, 0, r"has y 0, expected 1..6 \(y counts rows from 1 to H=6\)"),
+        (2, 0, r"has y 0, expected 1..6 \(y counts rows from 1 to H=6;"),
         (2, 7, r"has y 7, expected 1..6"),
     ],
     ids=["frame0", "frameN", "x0", "xW+1", "y0", "yH+1"],

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_path
+from utils.landmarks import check_landmarks
 from utils.transform import reference_image_points
 
 # Memory for one chunk of float32 fields (device staging buffer, streaming buffer): small enough to
@@ -99,7 +100,7 @@ def _cal_ddfs(transforms, tform_calib_scale, image_points, landmark, w, h, chunk
     coeffs = field_coefficients(transforms, tform_calib_scale, name=name)
     device = torch.as_tensor(transforms).device
     points = _check_image_points(image_points, width, height)
-    landmarks = _check_landmarks(landmark, coeffs.shape[0] + 1, width, height)
+    landmarks = check_landmarks(landmark, coeffs.shape[0] + 1, height, width)
     num_points = width * height
     chunk = _chunk_frames(chunk_frames, num_points)
 
@@ -163,7 +164,7 @@ def write_ddfs(path, transformation_global, transformation_local, tform_calib_sc
     if len(set(counts.values())) > 1:
         raise ValueError(f"global and local transforms differ in frame count: {counts}; expected both N-1")
     num_frames = next(iter(counts.values()))
-    landmarks = None if landmark is None else _check_landmarks(landmark, num_frames + 1, width, height)
+    landmarks = None if landmark is None else check_landmarks(landmark, num_frames + 1, height, width)
 
     # The one large buffer: a chunk of fields, reused for every chunk of every field.
     buffer = np.empty((min(chunk, max(num_frames, 1)), 3, num_points), dtype=np.float32)
@@ -373,30 +374,3 @@ def _check_image_points(image_points, width, height):
     if torch.equal(points, _official_grid(height, width, points.dtype, points.device)):
         return None
     return points
-
-
-def _check_landmarks(landmark, num_frames, width, height):
-    """Validated landmarks as int64 numpy [K, 3]; ``num_frames`` is N, the scan's frame count."""
-    if isinstance(landmark, torch.Tensor):
-        landmark = landmark.detach().cpu().numpy()
-    values = np.asarray(landmark)
-    if values.ndim != 2 or values.shape[1] != 3:
-        raise ValueError(f"landmark has shape {values.shape}; expected [K, 3] (frame from 0, x from 1, y from 1)")
-    if values.dtype.kind not in "iu":
-        if values.dtype.kind != "f" or not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
-            raise ValueError(f"landmark has dtype {values.dtype} with non-integer values; expected integer indices")
-    values = values.astype(np.int64)
-    checks = (
-        (0, 1, num_frames - 1, "frame index (from 0; frame 0 is the reference and has no DDF row)"),
-        (1, 1, width, "x (column, from 1)"),
-        (2, 1, height, "y (row, from 1)"),
-    )
-    for column, low, high, what in checks:
-        bad = np.flatnonzero((values[:, column] < low) | (values[:, column] > high))
-        if bad.size:
-            row = int(bad[0])
-            raise ValueError(
-                f"landmark {row} = {values[row].tolist()} has {what} {int(values[row, column])}; "
-                f"expected {low}..{high} ({bad.size} landmark(s) out of range)"
-            )
-    return values

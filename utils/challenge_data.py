@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from utils.atomic import atomic_path
+from utils.landmarks import check_landmarks
 
 LAYOUT_TRAIN = "train"
 LAYOUT_TEST = "test"
@@ -309,37 +310,6 @@ def validate_tforms(tforms: np.ndarray, source, num_frames: int | None = None) -
         )
 
 
-def validate_landmarks(landmarks: np.ndarray, num_frames: int, height: int, width: int, source) -> None:
-    """Check landmarks int [K, 3] = (frame from 0, x from 1, y from 1) against a scan's size.
-
-    The frame must lie in 1..N-1: the displacement fields hold one row per frame *after* frame 0
-    (row f-1 for frame f), so a landmark on frame 0 has no row (the official code would silently
-    read row -1, the last frame's). x must lie in 1..W and y in 1..H (pixels count from 1).
-    Raises ValueError naming ``source``, the landmark row and the bad value.
-    """
-    landmarks = np.asarray(landmarks)
-    if landmarks.dtype.kind not in "iu":
-        raise ValueError(f"{source}: landmarks must be integers [K, 3], got dtype {landmarks.dtype}")
-    if landmarks.ndim != 2 or landmarks.shape[1] != 3:
-        raise ValueError(
-            f"{source}: landmarks must be [K, 3] (frame, x, y), got shape {tuple(landmarks.shape)}"
-        )
-    checks = (
-        (0, "frame index", 1, num_frames - 1, "frame 0 has no displacement field row: DDFs start at frame 1"),
-        (1, "x", 1, width, f"x counts columns from 1 to W={width}"),
-        (2, "y", 1, height, f"y counts rows from 1 to H={height}"),
-    )
-    for column, what, low, high, why in checks:
-        values = landmarks[:, column]
-        bad = np.flatnonzero((values < low) | (values > high))
-        if bad.size:
-            row = int(bad[0])
-            raise ValueError(
-                f"{source}: landmark row {row} {landmarks[row].tolist()} has {what} {int(values[row])}, "
-                f"expected {low}..{high} ({why})"
-            )
-
-
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
@@ -354,7 +324,7 @@ def read_landmarks(path, scan_name: str, num_frames: int, height: int, width: in
         num_frames, height, width: the scan's N, H, W, to check the indices against.
     Raises:
         FileNotFoundError: the file is missing.
-        ValueError: the scan's dataset is missing or its values are invalid (``validate_landmarks``).
+        ValueError: the scan's dataset is missing or its values are invalid (``check_landmarks``).
     """
     path = Path(path)
     if not path.is_file():
@@ -364,8 +334,7 @@ def read_landmarks(path, scan_name: str, num_frames: int, height: int, width: in
             raise ValueError(f"{path}: no landmark dataset {scan_name!r} (found {sorted(handle.keys())})")
         landmarks = handle[scan_name][()]
     source = f"{path} [{scan_name!r}]"
-    validate_landmarks(landmarks, num_frames, height, width, source)
-    return landmarks.astype(np.int64)
+    return check_landmarks(landmarks, num_frames, height, width, source, integer_dtype=True)
 
 
 class ScanFile:
@@ -548,8 +517,8 @@ def write_landmarks(root, subject: int, landmarks: dict, folder: str = LANDMARK_
     for scan_name, values in landmarks.items():
         values = np.asarray(values)
         big = np.iinfo(np.int64).max  # upper bounds are checked against the scan when read
-        validate_landmarks(values, big, big, big, f"write_landmarks({path.name}, {scan_name!r})")
-        arrays[scan_name] = values.astype(np.int64)
+        arrays[scan_name] = check_landmarks(values, big, big, big, f"write_landmarks({path.name}, {scan_name!r})",
+                                            integer_dtype=True)
     _write_h5(path, arrays, None)
     return path
 

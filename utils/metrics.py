@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from utils.atomic import atomic_path
+from utils.landmarks import check_landmarks
 
 ERROR_NAMES = ("GPE", "GLE", "LPE", "LLE")
 SCORE_NAMES = ("GPE*", "GLE*", "LPE*", "LLE*", "final", "global", "local", "pixel", "landmark")
@@ -99,28 +100,6 @@ def _as_transforms(name: str, value, device=None) -> torch.Tensor:
     if not tensor.is_floating_point():
         tensor = tensor.double()
     return tensor
-
-
-def _check_landmark(landmark, num_rows: int, height: int, width: int) -> torch.Tensor:
-    """[K, 3] int64 (frame from 0, x from 1, y from 1) on the CPU, validated against the scan."""
-    lm = torch.as_tensor(np.asarray(landmark))
-    if lm.ndim != 2 or lm.shape[1] != 3 or lm.shape[0] == 0:
-        raise ValueError(f"landmark must be an int array [K, 3] (frame, x, y) with K >= 1, got shape {tuple(lm.shape)}")
-    if lm.is_floating_point():
-        if not torch.equal(lm, lm.round()):
-            raise ValueError("landmark must hold integers (frame from 0, x from 1, y from 1)")
-    lm = lm.long()
-    frame, x, y = lm[:, 0], lm[:, 1], lm[:, 2]
-    # Frame 0 has no DDF row: the official code would silently read row -1 (the last frame).
-    for label, values, low, high in (("frame", frame, 1, num_rows), ("x", x, 1, width), ("y", y, 1, height)):
-        bad = (values < low) | (values > high)
-        if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"landmark {index} = {lm[index].tolist()}: {label} must be in [{low}, {high}] "
-                f"(scan of {num_rows + 1} frames, image {height}x{width}; frame counts from 0, x and y from 1)"
-            )
-    return lm
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -221,7 +200,9 @@ def landmark_errors_from_transforms(tform_true, tform_pred, tform_calib_scale, l
     tform_pred = _as_transforms("tform_pred", tform_pred, device)
     if tform_true.shape != tform_pred.shape:
         raise ValueError(f"tform_true shape {tuple(tform_true.shape)} differs from tform_pred shape {tuple(tform_pred.shape)}")
-    lm = _check_landmark(landmark, tform_true.shape[0], int(height), int(width)).to(device)
+    lm = torch.from_numpy(check_landmarks(landmark, tform_true.shape[0] + 1, int(height), int(width))).to(device)
+    if lm.shape[0] == 0:
+        raise ValueError("landmark is empty [0, 3]; pass landmark=None for a scan without landmarks")
     scale = torch.as_tensor(tform_calib_scale, device=device).double()
     rows = lm[:, 0] - 1  # landmark frame f has DDF row f-1 (frame 0 has none)
     coeff = (tform_true.double()[rows] - tform_pred.double()[rows])[:, :3, :] @ scale  # [K, 3, 4]
