@@ -4,9 +4,10 @@ For a synthetic 480x640 scan of N frames and a drifting prediction, both methods
 LPE and LLE from the same transforms:
 
 - ``ours``: ``utils.metrics.scan_errors_from_transforms`` (frame chunks, no DDF array);
-- ``materialise``: the official flow, re-implemented here line for line: for the prediction and the
-  ground truth, ``cal_global_ddfs`` / ``cal_local_ddfs`` as float32 torch (a batched
-  ``T @ (S @ p)`` minus ``S @ p``, to numpy, landmarks picked one by one), then ``cal_dist``.
+- ``materialise``: the official flow: for the prediction and the ground truth,
+  ``cal_global_ddfs`` / ``cal_local_ddfs`` as ``benchmarks.common.official_cal_ddfs`` (float32
+  torch, a batched ``T @ (S @ p)`` minus ``S @ p``, to numpy, landmarks picked from the field),
+  then ``cal_dist``.
 
 Each (method, N) runs in its own subprocess (this script re-invoked with ``--worker``) so its peak
 resident memory is its own. Times are the median over ``--repeats`` runs inside that process,
@@ -22,23 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, so the repository root is not on the path; benchmarks.common and utils need it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import make_scan, official_cal_ddfs, peak_rss_bytes, repo_path, rss_bytes, run_worker, time_calls  # noqa: E402
+
 METHODS = ("ours", "materialise")
-# Public TUS-REC calibration (DESIGN.md section 3).
-SCALE = (0.229389190673828, 0.220979690551758, 1.0, 1.0)
-CALIB_R_T = (
-    (0.231064671309448, -0.218052035, 0.948189025293473, -70.74132919),
-    (-0.190847036, -0.965787273, -0.175591436, -80.6505661),
-    (0.954036962825936, -0.140386088, -0.264773903, -46.17662239),
-    (0.0, 0.0, 0.0, 1.0),
-)
+# The first tool pose (radians ZYX, then mm), away from the identity so the transforms have no special structure.
+START_POSE = (0.3, -0.2, 0.1, 10.0, -20.0, 150.0)
+# Per-frame step of the random walk that the prediction's error accumulates (radians, mm).
+DRIFT_STEP = (0.005, 0.3)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,63 +64,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def make_inputs(num_frames: int, height: int, width: int, num_landmarks: int, seed: int) -> dict:
-    """Float32 global/local transforms [N-1, 4, 4] of a random-walk scan and a drifting prediction."""
-    import torch
-
-    from utils.transform import chain_local_transforms, global_transforms, local_transforms, params_to_matrix
-
-    generator = torch.Generator().manual_seed(seed)
-
-    def walk(step_rad, step_mm, start):
-        steps = torch.cat(
-            [torch.randn(num_frames, 3, generator=generator, dtype=torch.float64) * step_rad,
-             torch.randn(num_frames, 3, generator=generator, dtype=torch.float64) * step_mm], dim=1
-        )
-        steps[0] = start
-        return chain_local_transforms(params_to_matrix(steps))
-
-    start = torch.tensor([0.3, -0.2, 0.1, 10.0, -20.0, 150.0], dtype=torch.float64)
-    tforms = walk(0.02, 0.8, start)  # tool -> camera poses, as recorded
-    drift = walk(0.005, 0.3, torch.zeros(6, dtype=torch.float64))  # the prediction's accumulated error
-    tforms_pred = tforms @ drift
-    calib = torch.tensor(CALIB_R_T, dtype=torch.float64)
-    # Stored poses are float32 (DESIGN.md section 3); the official code works in float32 throughout.
-    out = {
-        "global_true": global_transforms(tforms, calib).float(),
-        "local_true": local_transforms(tforms, calib).float(),
-        "global_pred": global_transforms(tforms_pred, calib).float(),
-        "local_pred": local_transforms(tforms_pred, calib).float(),
-        "scale": torch.diag(torch.tensor(SCALE, dtype=torch.float32)),
-    }
-    out["landmark"] = torch.stack(
-        [
-            torch.randint(1, num_frames, (num_landmarks,), generator=generator),
-            torch.randint(1, width + 1, (num_landmarks,), generator=generator),
-            torch.randint(1, height + 1, (num_landmarks,), generator=generator),
-        ],
-        dim=1,
-    ).numpy()
-    return out
+    """``benchmarks.common.make_scan`` with a drifting prediction; landmarks as numpy, as the official data."""
+    inputs = make_scan(num_frames, height, width, num_landmarks, seed, start=START_POSE, drift=DRIFT_STEP)
+    inputs["landmark"] = inputs["landmark"].numpy()
+    return inputs
 
 
 # --------------------------------------------------------------------------------------------
 # The two methods
 # --------------------------------------------------------------------------------------------
-
-
-def official_ddfs(transformation, tform_calib_scale, image_points, landmark, w, h):
-    """The official ``cal_global_ddfs`` / ``cal_local_ddfs`` body (they are identical but for names)."""
-    import torch
-
-    allpts = torch.matmul(transformation, torch.matmul(tform_calib_scale, image_points))
-    allpts_ddf = allpts[:, 0:3, :] - torch.matmul(tform_calib_scale, image_points)[0:3, :].expand(allpts.shape[0], -1, -1)
-    allpts_ddf = allpts_ddf.cpu().numpy()
-    landmark_ddf = torch.zeros(3, len(landmark))
-    for i in range(len(landmark)):
-        # (frame, x, y): pixel (y-1)*W + (x-1) of row frame-1 (DESIGN.md section 2).
-        index = (landmark[i][2] - 1) * w + landmark[i][1] - 1
-        landmark_ddf[:, i] = allpts[landmark[i][0] - 1, 0:3, index] - torch.matmul(tform_calib_scale, image_points)[0:3, index]
-    return allpts_ddf, landmark_ddf.cpu().numpy()
 
 
 def run_materialise(inputs: dict, height: int, width: int) -> dict:
@@ -140,8 +90,8 @@ def run_materialise(inputs: dict, height: int, width: int) -> dict:
     scale, landmark = inputs["scale"], inputs["landmark"]
     errors = {}
     for kind in ("global", "local"):
-        field_pred, landmark_pred = official_ddfs(inputs[f"{kind}_pred"], scale, image_points, landmark, width, height)
-        field_true, landmark_true = official_ddfs(inputs[f"{kind}_true"], scale, image_points, landmark, width, height)
+        field_pred, landmark_pred = official_cal_ddfs(inputs[f"{kind}_pred"], scale, image_points, landmark, width, height)
+        field_true, landmark_true = official_cal_ddfs(inputs[f"{kind}_true"], scale, image_points, landmark, width, height)
         prefix = kind[0].upper()
         errors[f"{prefix}PE"] = cal_dist(field_true, field_pred, "all")
         errors[f"{prefix}LE"] = cal_dist(landmark_true, landmark_pred, "landmark")
@@ -175,7 +125,6 @@ def worker(args) -> None:
     import psutil
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     frames = args.worker_frames
@@ -189,27 +138,19 @@ def worker(args) -> None:
     method = run_ours if args.worker == "ours" else run_materialise
     # Untimed warm-up on a 3-frame scan: first-call costs (thread pools, allocator) are not the method's.
     method(make_inputs(3, args.height, args.width, args.landmarks, args.seed + 1), args.height, args.width)
-    baseline_rss = psutil.Process().memory_info().rss
-    times, errors = [], None
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        errors = method(inputs, args.height, args.width)
-        times.append(time.perf_counter() - start)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(json.dumps({"times": times, "peak_rss": peak_rss, "baseline_rss": baseline_rss, "errors": errors,
+    baseline_rss = rss_bytes()
+    times, errors = time_calls(lambda: method(inputs, args.height, args.width), args.repeats)
+    print(json.dumps({"times": times, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline_rss, "errors": errors,
                       "threads": torch.get_num_threads()}))
 
 
 def measure(args, method: str, frames: int) -> dict:
-    command = [
-        sys.executable, str(Path(__file__).resolve()), "--worker", method, "--worker-frames", str(frames),
-        "--repeats", str(args.repeats), "--height", str(args.height), "--width", str(args.width),
-        "--landmarks", str(args.landmarks), "--seed", str(args.seed),
-    ] + ([] if args.threads is None else ["--threads", str(args.threads)])
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
-    if result.returncode != 0:
-        raise RuntimeError(f"worker {method} N={frames} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """One (method, N) in a fresh subprocess: the JSON ``worker`` prints."""
+    worker_args = [
+        "--worker", method, "--worker-frames", frames, "--repeats", args.repeats, "--height", args.height,
+        "--width", args.width, "--landmarks", args.landmarks, "--seed", args.seed,
+    ] + ([] if args.threads is None else ["--threads", args.threads])
+    return run_worker(__file__, worker_args, f"{method} N={frames}")
 
 
 def main(argv=None) -> None:
@@ -219,7 +160,6 @@ def main(argv=None) -> None:
         return
     if min(args.frames) < 2 or args.repeats < 1:
         raise SystemExit(f"--frames must be >= 2 and --repeats >= 1, got {args.frames} and {args.repeats}")
-    sys.path.insert(0, str(REPO_ROOT))
     import pandas as pd
 
     from utils.metrics import ERROR_NAMES, write_csv
@@ -259,7 +199,7 @@ def main(argv=None) -> None:
              "max_abs_diff_mm_vs_ours"] + (["note"] if "note" in table.columns else [])
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         print(table[[name for name in shown if name in table.columns]].to_string(index=False))
-    path = write_csv(table, args.csv if args.csv.is_absolute() else REPO_ROOT / args.csv)
+    path = write_csv(table, repo_path(args.csv))
     print(f"wrote {path}")
 
 
