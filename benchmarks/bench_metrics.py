@@ -30,7 +30,8 @@ from pathlib import Path
 # Run as a script, so the repository root is not on the path; benchmarks.common and utils need it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import make_scan, official_cal_ddfs, peak_rss_bytes, repo_path, rss_bytes, run_worker, time_calls  # noqa: E402
+from benchmarks.common import (make_scan, official_cal_ddfs, peak_rss_bytes, repo_path, rss_bytes,  # noqa: E402
+                               run_worker, time_calls)
 
 METHODS = ("ours", "materialise")
 # The first tool pose (radians ZYX, then mm), away from the identity so the transforms have no special structure.
