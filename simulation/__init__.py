@@ -1,0 +1,1 @@
+"""The simulator: a digital forearm scanned by a tracked curvilinear probe (SIMULATOR.md)."""
