@@ -54,3 +54,54 @@ class Medium:
     attenuation: np.ndarray
     origin: np.ndarray
     spacing: float
+
+
+def bin_scatterers(positions, amplitudes, normals, bin_size: float = 2.0, origin=None, shape=None) -> Scatterers:
+    """Sort scatterers into cubic CSR bins (the :class:`Scatterers` layout).
+
+    Args:
+        positions: float [M, 3], tissue frame, mm (stored as float32).
+        amplitudes: complex [M] (stored as complex64).
+        normals: float [M, 3] unit normals or zeros (stored as float32).
+        bin_size: bin edge, mm.
+        origin: [3] mm, corner of bin (0, 0, 0); default: the lowest position rounded down to a
+            multiple of ``bin_size`` (so bins of different sets line up).
+        shape: (nx, ny, nz); default: enough bins to hold every position. Positions outside the
+            grid are clipped into the border bins (they then lie outside their bin's cube).
+
+    Returns:
+        Scatterers sorted by flat bin index (stable, so the order within a bin is the input order).
+    """
+    if bin_size <= 0:
+        raise ValueError(f"bin_size={bin_size} mm must be positive")
+    # bin from the float32 values that are stored, so a point never lands in a neighbour's cube
+    positions = np.ascontiguousarray(positions, dtype=np.float32).reshape(-1, 3)
+    amplitudes = np.asarray(amplitudes, dtype=np.complex64).reshape(-1)
+    normals = np.ascontiguousarray(normals, dtype=np.float32).reshape(-1, 3)
+    count = positions.shape[0]
+    if amplitudes.shape[0] != count or normals.shape[0] != count:
+        raise ValueError(f"{count} positions, {amplitudes.shape[0]} amplitudes, {normals.shape[0]} normals: lengths differ")
+    if origin is None:
+        low = positions.min(axis=0) if count else np.zeros(3, np.float32)
+        origin = np.floor(low.astype(np.float64) / bin_size) * bin_size
+    origin = np.asarray(origin, dtype=np.float32).reshape(3)
+    if shape is None:
+        high = positions.max(axis=0) if count else origin
+        shape = np.maximum(np.floor((high - origin) / np.float32(bin_size)).astype(np.int64) + 1, 1)
+    shape = tuple(int(n) for n in shape)
+    index = np.floor((positions - origin) / np.float32(bin_size)).astype(np.int64)
+    np.clip(index, 0, np.asarray(shape) - 1, out=index)
+    flat = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
+    del index
+    order = np.argsort(flat, kind="stable")
+    bin_start = np.zeros(shape[0] * shape[1] * shape[2] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=bin_start.size - 1), out=bin_start[1:])
+    return Scatterers(
+        positions=positions[order],
+        amplitudes=amplitudes[order],
+        normals=normals[order],
+        bin_origin=origin,
+        bin_size=float(bin_size),
+        bin_shape=shape,
+        bin_start=bin_start,
+    )
