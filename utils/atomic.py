@@ -23,6 +23,8 @@ def atomic_path(path, suffix: str | None = None):
         prefix=f".{path.name}.", suffix=".partial" + (path.suffix if suffix is None else suffix), dir=path.parent
     )
     os.close(handle)
+    # mkstemp creates the file owner-only (0600); give it the permissions a plain open() would.
+    os.chmod(tmp_name, 0o666 & ~_current_umask())
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
@@ -30,3 +32,10 @@ def atomic_path(path, suffix: str | None = None):
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
