@@ -227,6 +227,26 @@ def test_bone_like_slab_casts_a_shadow(small_scene):
     assert image[left & below].mean() > 60  # no shadow where the beam misses the slab
 
 
+def test_an_interface_echo_is_not_attenuated_by_what_lies_behind_it(small_scene):
+    """The bone surface must stay bright: the loss at depth r counts the medium in front of r only
+    (with a small delay), so the shell echo is not dimmed by the bone it covers."""
+    geometry, scatterers = small_scene
+    medium = uniform_medium(geometry)
+    x_a, y_a = geometry.apex_mm
+    voxel_y = np.arange(medium.attenuation.shape[1]) * medium.spacing + medium.origin[1]
+    attenuation = medium.attenuation.copy()
+    attenuation[:, voxel_y > 25, :] = 15.0  # bone from 25 mm image depth down
+    renderer = Renderer(geometry, scatterers, Medium(attenuation, medium.origin, medium.spacing))
+    gain = renderer.gain_map_db(np.eye(4))
+    probe = geometry.probe
+    line = probe.num_lines // 2
+    depth_of_sample = probe.ranges_mm() + y_a  # image Y of each sample on the central line
+    surface = np.searchsorted(depth_of_sample, 25.0)
+    just_above, just_below, deep = gain[surface - 3, line], gain[surface + 1, line], gain[surface + 20, line]
+    assert just_above - just_below < 3.0  # within 0.2 mm of the surface: at most the TGC/muscle slope
+    assert just_above - deep > 30.0  # 3 mm into bone: the shadow
+
+
 def test_specular_echo_falls_with_the_angle_between_beam_and_normal():
     # A sheet of scatterers at 20 mm depth whose normal is tilted by psi from the beam: the echo power
     # scales by exp(-psi^2 / psi0^2) (the weight exp(-psi^2 / 2 psi0^2) squared).
