@@ -2,10 +2,8 @@
 
 What ``make demo`` runs until the simulator and training land. It
 
-1. writes a small synthetic dataset in the challenge's train layout: probe trajectories of the
-   2025 rotation protocol (fan, rock, rotate ~90 degrees about the probe axis, fan, rock, around a
-   fixed contact point, with slow drift and hand tremor) with the real calibration; the frames are
-   placeholder speckle inside the probe's sector, since no image is read by the evaluation;
+1. simulates a small dataset in the challenge's train layout (``simulate.py``'s ``demo`` preset,
+   shortened: 2025 rotation scans of digital forearms, real calibration, landmarks on anatomy);
 2. reads it back through the validating readers;
 3. simulates what a trackerless method does: it predicts each local transform with a small bias
    (under-estimated motion, as regression to the mean does) and noise, and chains them;
@@ -35,8 +33,9 @@ from tqdm import tqdm
 from utils import metrics
 from utils import transform as tf
 from utils.Transf2DDFs import write_ddfs
-from utils.calibration import default_calibration, load_calibration, write_calib_matrices
-from utils.challenge_data import CALIB_FILE, find_scans, read_scan, write_landmarks, write_scan
+from simulation.dataset import generate_dataset
+from utils.calibration import load_calibration
+from utils.challenge_data import CALIB_FILE, find_scans, read_scan
 from utils.plotting import plot_corner_trajectories, plot_drift
 from utils.run_dir import make_run_dir
 
@@ -44,80 +43,6 @@ log = logging.getLogger("demo")
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_REALDATA = REPO_ROOT.parent / "shared" / "realdata"
-FPS = 20.0  # the challenge's frame rate
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic poses in the challenge layout
-# --------------------------------------------------------------------------------------------
-
-
-def rotation_protocol_image_poses(rng: np.random.Generator, num_frames: int, height: int, width: int,
-                                  pixel_mm) -> np.ndarray:
-    """Image-plane poses T_{world<-image mm} [N, 4, 4] of a 2025-style rotation scan, float64.
-
-    Image mm axes: x lateral (columns), y depth (rows), z elevational. The probe pivots about the
-    skin contact point at the top centre of the image: fanning tilts about the lateral axis (x),
-    rocking about the elevational axis (z), and half-way the probe turns ~90 degrees about the beam
-    axis (y). Slow drift and 8-12 Hz tremor are added to all six degrees of freedom.
-    """
-    t = np.arange(num_frames) / FPS
-    phase = t / t[-1] if num_frames > 1 else t
-    fan = np.deg2rad(rng.uniform(15, 25)) * np.sin(2 * np.pi * t / rng.uniform(2.5, 4.0))
-    rock = np.deg2rad(rng.uniform(8, 15)) * np.sin(2 * np.pi * t / rng.uniform(2.0, 3.5) + 1.0)
-    # minimum-jerk turn about the beam axis over the middle fifth of the scan
-    s = np.clip((phase - 0.4) / 0.2, 0, 1)
-    turn = np.deg2rad(rng.uniform(80, 100)) * (10 * s**3 - 15 * s**4 + 6 * s**5)
-    tremor_hz = rng.uniform(8, 12)
-    tremor = 0.05 * np.sin(2 * np.pi * tremor_hz * t[:, None] + rng.uniform(0, 2 * np.pi, 3))
-    drift = np.cumsum(rng.normal(0, 0.05, (num_frames, 3)), axis=0)  # mm, a random walk
-
-    contact = np.array([(width + 1) / 2 * pixel_mm[0], 32 * pixel_mm[1], 0.0])
-    to_contact = np.eye(4)
-    to_contact[:3, 3] = -contact
-    poses = np.empty((num_frames, 4, 4))
-    for i in range(num_frames):
-        # rotation about the contact point: fan (x), rock (z), turn (y); params are (a_Z, a_Y, a_X)
-        params = torch.tensor([rock[i], turn[i], fan[i], 0.0, 0.0, 0.0], dtype=torch.float64)
-        pivot = tf.params_to_matrix(params).numpy()
-        pose = np.linalg.inv(to_contact) @ pivot @ to_contact
-        pose[:3, 3] += drift[i] + tremor[i]
-        poses[i] = pose
-    return poses
-
-
-def placeholder_frames(rng: np.random.Generator, num_frames: int, height: int, width: int) -> np.ndarray:
-    """uint8 [N, H, W]: Rayleigh speckle inside a curvilinear sector, exactly 0 outside it."""
-    y, x = np.mgrid[1:height + 1, 1:width + 1]
-    apex_y = -0.15 * height
-    radius = np.hypot(x - (width + 1) / 2, y - apex_y)
-    angle = np.arctan2(x - (width + 1) / 2, y - apex_y)
-    inside = (radius >= -apex_y + 32) & (radius <= height - 2 - apex_y) & (np.abs(angle) <= np.deg2rad(33))
-    frames = np.zeros((num_frames, height, width), dtype=np.uint8)
-    for i in range(num_frames):
-        speckle = rng.rayleigh(40.0, size=(height, width))
-        frames[i][inside] = np.clip(speckle[inside], 0, 255).astype(np.uint8)
-    return frames
-
-
-def write_synthetic_dataset(root: Path, rng: np.random.Generator, subjects: int, frames: int, height: int,
-                            width: int, landmarks_per_scan: int) -> None:
-    """A train-layout dataset: ``subjects`` x (LH_rotation, RH_rotation), real calibration."""
-    calibration = default_calibration()
-    write_calib_matrices(root / CALIB_FILE, calibration.scale, calibration.calib_R_T)
-    calib_inv = np.linalg.inv(calibration.calib_R_T)
-    for subject in range(subjects):
-        scan_landmarks = {}
-        for scan_name in ("LH_rotation", "RH_rotation"):
-            image_poses = rotation_protocol_image_poses(rng, frames, height, width, calibration.pixel_size_mm)
-            # tforms are tool -> camera: T_{world<-tool} = T_{world<-image mm} C^-1
-            tforms = image_poses @ calib_inv
-            write_scan(root, subject, scan_name, placeholder_frames(rng, frames, height, width), tforms)
-            scan_landmarks[scan_name] = np.stack(
-                [rng.integers(1, frames, landmarks_per_scan),  # never frame 0
-                 rng.integers(1, width + 1, landmarks_per_scan),
-                 rng.integers(1, height + 1, landmarks_per_scan)], axis=1)
-        write_landmarks(root, subject, scan_landmarks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,11 +119,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results", help="root of the run folders")
     parser.add_argument("--data", type=Path, default=None,
                         help="score this dataset root (train or val/test layout) instead of writing a synthetic one")
-    parser.add_argument("--subjects", type=int, default=2, help="synthetic subjects (2 scans each)")
-    parser.add_argument("--frames", type=int, default=300, help="frames per synthetic scan (20 fps)")
+    parser.add_argument("--subjects", type=int, default=2, help="simulated subjects (2 scans each)")
+    parser.add_argument("--frames", type=int, default=200, help="frames per simulated scan (20 fps)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
-    parser.add_argument("--landmarks", type=int, default=100, help="landmarks per synthetic scan")
+    parser.add_argument("--landmarks", type=int, default=20, help="landmarks per simulated scan")
+    parser.add_argument("--workers", type=int, default=2, help="simulator render processes")
     parser.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA,
                         help="folder of real dataset roots to score as well (skipped if absent)")
     parser.add_argument("--seed", type=int, default=0)
@@ -217,9 +143,11 @@ def main(argv=None) -> Path:
 
     if args.data is None:
         data_root = out_dir / "data"
-        log.info("writing a synthetic dataset (%d subjects x 2 scans x %d frames of %dx%d) to %s",
+        log.info("simulating %d subjects x 2 scans x %d frames of %dx%d into %s",
                  args.subjects, args.frames, args.height, args.width, data_root)
-        write_synthetic_dataset(data_root, rng, args.subjects, args.frames, args.height, args.width, args.landmarks)
+        generate_dataset(data_root, "demo", seed=args.seed, workers=args.workers, progress=True,
+                         subjects=args.subjects, frames=args.frames, height=args.height, width=args.width,
+                         landmarks=args.landmarks)
         datasets = [("synthetic", data_root)]
     else:
         datasets = [(args.data.name, args.data)]

@@ -10,8 +10,8 @@ import demo
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, realdata_dir):
-    run = demo.main(["--out", str(tmp_path), "--subjects", "1", "--frames", "40", "--height", "60",
-                     "--width", "80", "--landmarks", "10", "--realdata", str(realdata_dir)])
+    run = demo.main(["--out", str(tmp_path), "--subjects", "1", "--frames", "40", "--height", "120",
+                     "--width", "160", "--landmarks", "10", "--realdata", str(realdata_dir)])
     assert run.name == "000-demo"
     table = pd.read_csv(run / "scores.csv", dtype={"subject": str})
     assert list(table["dataset"]) == ["synthetic", "synthetic", "plus_bone_l14", "plus_spine_phantom"]
@@ -31,6 +31,6 @@ def test_demo_end_to_end(tmp_path, realdata_dir):
     assert len(plots) == 8 and all(p.endswith(".png") for p in plots)
     assert not list(run.rglob("*.partial*"))  # nothing half-written left behind
     # a second run goes to a new folder and leaves the first untouched
-    assert demo.main(["--out", str(tmp_path), "--subjects", "1", "--frames", "3", "--height", "8", "--width", "8",
+    assert demo.main(["--out", str(tmp_path), "--subjects", "1", "--frames", "3", "--height", "48", "--width", "64",
                       "--landmarks", "2", "--realdata", str(tmp_path / "none")]).name == "001-demo"
     assert (run / "scores.csv").is_file()
