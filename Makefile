@@ -25,6 +25,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ddf.py
 	$(PY) benchmarks/bench_metrics.py
+	$(PY) benchmarks/bench_simulate.py
 
 clean-venv:
 	rm -rf $(VENV)
