@@ -269,7 +269,8 @@ def default_renderer_factory(geometry, scatterers, medium, density: float):
     """
     from simulation import imaging
 
-    settings = imaging.RenderSettings(reference_density_per_mm3=float(density))
+    # entry_echo_db: the skin entry line of real frames (see RenderSettings), a little over the skin (+6 dB)
+    settings = imaging.RenderSettings(reference_density_per_mm3=float(density), entry_echo_db=8.0)
     return imaging.Renderer(geometry, scatterers, medium, settings)
 
 

@@ -54,15 +54,24 @@ class Label(IntEnum):
 
 NUM_LABELS = len(Label)
 
-# Reference echo levels, dB relative to muscle's -6 dB reference (SIMULATOR.md). Fascia and bone
-# come from the subject's parameters; every tissue also gets its subject's +-3 dB offset.
-_ECHO_DB = {Label.SKIN: 6.0, Label.FAT: -14.0, Label.MUSCLE: -6.0, Label.SEPTUM: 8.0, Label.VESSEL: -40.0}
-_FAT_SEPTUM_DB = 0.0  # bright connective septa between fat lobules
-_PERIMYSIUM_DB = 8.0
+# Echo levels, dB (0 dB: grey ~108 with the default RenderSettings). Fascia and bone come from the
+# subject's parameters; every tissue also gets its subject's +-3 dB offset. Real forearm muscle is
+# dark (mean grey 40-60 on PLUS BoneUltrasound_L14) with sparse bright perimysium: the matrix sits at
+# -20 dB (was -6 dB, grey ~90) and the perimysium carries the contrast; fat stays darker than it.
+_ECHO_DB = {Label.SKIN: 6.0, Label.FAT: -24.0, Label.MUSCLE: -20.0, Label.SEPTUM: 8.0, Label.VESSEL: -40.0}
+_FAT_SEPTUM_DB = -4.0  # septa between fat lobules (was 0 dB: the fat band at the flanks outshone the muscle)
+_PERIMYSIUM_DB = 14.0  # was 8 dB over a -6 dB matrix; real strands nearly saturate
 _MUSCLE_TEXTURE_DB = 3.0  # dB per unit (std) of the smooth fibrillar field
-_PERIMYSIUM_THRESHOLD = 1.6  # field value (std units) above which muscle is a bright perimysium strand (~5 %)
-_FAT_SEPTUM_HALF_BAND = 0.12  # |field| below this is a fat septum (~10 % of the fat)
-_BONE_SHELL_MM = 0.5  # bone scatterers live in this shell under the surface: nothing inside
+# Perimysium wraps fascicles: a thin sheet on a level set of the fibre field, |field - level| < half
+# band (~0.3-0.4 mm thick, ~7 % of the muscle, half kept below: ~3.5 %), elongated along the fibres
+# like the field. (It was the blobs above 1.6 std: as thick as the texture scale, 1-2 mm, not streaks.)
+_PERIMYSIUM_LEVEL = 1.3
+_PERIMYSIUM_HALF_BAND = 0.2
+_FAT_SEPTUM_HALF_BAND = 0.06  # |field| below this is a fat septum (~5 % of the fat; was 0.12, ~10 %)
+# Bone scatterers live in this shell under the surface, nothing inside: the cortex's bright line is
+# 1-2 mm thick on real frames (was 0.5 mm, a faint rim after the PSF and the shell's own loss).
+_BONE_SHELL_MM = 1.0
+_ROUGH_DIFFUSE_DB = -14.0  # diffuse part of the cortex's and fascia's echo against their specular peak
 
 # One-way attenuation, dB / cm / MHz (SIMULATOR.md); bone from the subject's parameters.
 _ATTENUATION = {
@@ -126,10 +135,10 @@ class PhantomParameters:
     arteries: tuple = ((-16.0, -12.0, 20.0, 10.0, 1.25), (10.0, 8.0, 20.0, 11.0, 1.25))
     veins: tuple = ((-25.0, -14.0, 3.4, 1.5),)
     fascia_echo_db: float = 12.5
-    bone_echo_db: float = 25.0
+    bone_echo_db: float = 29.0
     echo_offsets_db: tuple = (0.0,) * NUM_LABELS
     attenuation_scale: float = 1.0
-    bone_attenuation: float = 15.0  # dB / cm / MHz: a full acoustic shadow
+    bone_attenuation: float = 11.0  # dB / cm / MHz: a full acoustic shadow
     texture_scale_mm: float = 1.5  # correlation length of the muscle texture across the fibres
     texture_seed: int = 0
 
@@ -205,8 +214,11 @@ def sample_parameters(
     num_veins = int(rng.integers(1, 3))
     vein_draws = [(u(-0.75, -0.45), u(-0.75, -0.45), u(1.0, 2.0)), (u(-0.1, 0.5), u(-0.1, 0.5), u(1.0, 2.0))][:num_veins]
     echo = tuple(0.0 if label == Label.OUTSIDE else u(-3, 3) for label in Label)
-    fascia_echo, bone_echo = u(10, 15), u(20, 30)
-    attenuation_scale, bone_attenuation = u(0.85, 1.15), u(10, 20)
+    # bone: a saturating cortical line (+26 to +32 dB, was 20-30) and a shadow that is very dark but keeps
+    # the speckle of the shell's deeper half (8-14 dB/cm/MHz, was 10-20: >= 8x muscle, still a full
+    # shadow behind the whole bone)
+    fascia_echo, bone_echo = u(10, 15), u(26, 32)
+    attenuation_scale, bone_attenuation = u(0.85, 1.15), u(8, 14)
     texture_scale, texture_seed = u(1.0, 2.0), int(rng.integers(0, 2**31 - 1))
     # both arms' perturbations are drawn, so the subject part above does not depend on `side`
     draws = {s: rng.standard_normal(8) for s in ("R", "L")}
@@ -461,9 +473,13 @@ class ForearmPhantom:
         arc = g * (0.5 * (a + b))  # mm per radian of `around` at this point (mean radius)
         hit = np.zeros(np.shape(x), dtype=bool)
         t = x / p.length_mm
-        for angle0, drift, bend, inner, thickness in p.septa:
-            gap = np.abs(np.mod(around - (angle0 + drift * t + bend * (1 - g)) + np.pi, 2 * np.pi) - np.pi)
-            hit |= (gap * arc < thickness / 2) & (g > inner)
+        for k, (angle0, drift, bend, inner, thickness) in enumerate(p.septa):
+            # real septa are neither straight nor even: a wave along the septum (~0.06 rad, 2 per unit
+            # radius) and along the arm (40-70 mm), and a thickness varying +-50 % over 25-40 mm
+            wave = 0.06 * np.sin(2 * np.pi * (2.0 * g + x / (40.0 + 6 * k)) + 3.0 * k)
+            gap = np.abs(np.mod(around - (angle0 + drift * t + bend * (1 - g) + wave) + np.pi, 2 * np.pi) - np.pi)
+            half = thickness / 2 * (1 + 0.5 * np.sin(2 * np.pi * (x / (25.0 + 3 * k) + 1.7 * g) + k))
+            hit |= (gap * arc < half) & (g > inner)
         return hit
 
     def _along_table(self):
@@ -632,7 +648,7 @@ class ForearmPhantom:
             bin_size: bin edge, mm. Bins start at the (clipped) region's lower corner.
 
         Amplitudes are CN(0, 1) x 10^(echo_dB / 20) with the echo of the label plus texture (muscle
-        fibres and perimysium, fat septa); bone scatterers lie only in a 0.5 mm shell under its
+        fibres and perimysium, fat septa); bone scatterers lie only in a 1 mm shell under its
         surface; fascia and bone carry unit normals (fascia: outward from the arm; bone: outward
         from the bone), all others zero normals.
         """
@@ -708,7 +724,13 @@ class ForearmPhantom:
         if muscle.size:
             f = self._sample_texture(x[muscle], y[muscle], z[muscle])
             strand = _PERIMYSIUM_DB + p.echo_offsets_db[Label.MUSCLE]
-            echo[muscle] = np.where(f > _PERIMYSIUM_THRESHOLD, strand, echo[muscle] + _MUSCLE_TEXTURE_DB * f)
+            # ... broken into strands: only where a second sample of the field, 3x finer across the
+            # fibres, is positive (fascicle outlines were closed rings in cross-section; real strands
+            # are dots and short streaks transversely, long streaks along the fibres)
+            sheet = np.abs(f - _PERIMYSIUM_LEVEL) < _PERIMYSIUM_HALF_BAND
+            xs, ys, zs = x[muscle][sheet], y[muscle][sheet], z[muscle][sheet]
+            sheet[sheet] = self._sample_texture(xs, 3 * ys, 3 * zs, shift=(53.0, 29.0, 41.0)) > 0
+            echo[muscle] = np.where(sheet, strand, echo[muscle] + _MUSCLE_TEXTURE_DB * f)
         fat = np.flatnonzero(labels == Label.FAT)
         if fat.size:
             f = self._sample_texture(x[fat], y[fat], z[fat], stretch=_FAT_STRETCH, shift=(37.0, 11.0, 23.0))
@@ -716,7 +738,9 @@ class ForearmPhantom:
         amps = (rng.standard_normal(idx.size) + 1j * rng.standard_normal(idx.size)) * np.sqrt(0.5)
         amps = (amps * 10.0 ** (echo / 20.0)).astype(np.complex64)
         normals = np.zeros((idx.size, 3), dtype=np.float32)
-        for label, which in ((Label.FASCIA, 0), (Label.BONE, 1)):
+        # the skin is specular too (skin-gel interface and dermis): a bright entry line under the probe,
+        # and no bright band where the beam grazes the skin at the arm's flanks
+        for label, which in ((Label.SKIN, 0), (Label.FASCIA, 0), (Label.BONE, 1)):
             sel = np.flatnonzero(labels == label)
             if sel.size:
                 if which == 0:
@@ -725,6 +749,13 @@ class ForearmPhantom:
                     _, n = self._bones(x[sel], y[sel], z[sel], gradient=True)
                 n[:, 1] *= self._mirror
                 normals[sel] = n
+        # Cortex and fascia are rough on the wavelength scale: every other one of their scatterers (a
+        # fixed choice, no draw) echoes diffusely, _ROUGH_DIFFUSE_DB under the specular level, so the
+        # bone's outline stays a bright line where it curves away from the beam, as on real frames, and
+        # the fascia a faint line (not a black one: its label displaces the muscle) where the beam grazes it.
+        diffuse = np.flatnonzero((labels == Label.BONE) | (labels == Label.FASCIA))[::2]
+        normals[diffuse] = 0.0
+        amps[diffuse] *= np.float32(10.0 ** (_ROUGH_DIFFUSE_DB / 20.0))
         return amps, normals, keep
 
     def medium(self, spacing: float = 0.5, region=None) -> Medium:

@@ -276,3 +276,21 @@ def test_bad_inputs_are_refused(small_scene):
         renderer.render(np.eye(3), noise_seed=0)
     with pytest.raises(ValueError, match="slab_sigmas"):
         RenderSettings(slab_sigmas=0.0)
+
+
+def test_skin_entry_echo_is_a_band_under_the_face_only_where_tissue_touches_it(small_scene):
+    geometry, scatterers = small_scene
+    probe = geometry.probe
+    plain = Renderer(geometry, scatterers).iq(np.eye(4))
+    with_entry = Renderer(geometry, scatterers, settings=RenderSettings(entry_echo_db=8.0)).iq(np.eye(4))
+    band = int(round(RenderSettings().entry_echo_mm / probe.sample_spacing_mm))
+    added = np.abs(with_entry - plain)
+    assert added[:band].mean() > 1.0  # +8 dB over 0 dB speckle at the face
+    np.testing.assert_array_equal(with_entry[band:], plain[band:])  # nothing deeper than the band
+    # where the face touches nothing (tissue only from 20 mm deep), there is no entry echo
+    x_a, y_a = geometry.apex_mm
+    deep = uniform_block([0.0, y_a + probe.radius_mm + 20, -7.0], [geometry.width * SMALL_PIXEL_MM[0], 100.0, 7.0],
+                         10.0, echo_db=-6.0)
+    deep_plain = Renderer(geometry, deep).iq(np.eye(4))
+    deep_entry = Renderer(geometry, deep, settings=RenderSettings(entry_echo_db=8.0)).iq(np.eye(4))
+    np.testing.assert_array_equal(deep_entry, deep_plain)
