@@ -217,3 +217,34 @@ def test_transforms_run_in_float32_and_keep_dtype():
     assert matrix.dtype == torch.float32
     assert tf.matrix_to_params(matrix).dtype == torch.float32
     assert tf.matrix_to_quaternion(matrix).dtype == torch.float32
+
+
+def test_pair_samples_as_the_baseline_defines_them():
+    # Written out from the baseline's definition: each of the last NUM_PRED frames with every
+    # earlier frame of the window, ordered by the moving frame.
+    assert tf.pair_samples(2, 1).tolist() == [[0, 1]]
+    assert tf.pair_samples(4, 1).tolist() == [[0, 3], [1, 3], [2, 3]]
+    assert tf.pair_samples(4, 3).tolist() == [[0, 1], [0, 2], [1, 2], [0, 3], [1, 3], [2, 3]]
+    with pytest.raises(ValueError, match="NUM_PRED=2"):
+        tf.pair_samples(2, 2)
+    with pytest.raises(ValueError, match="NUM_SAMPLES=1"):
+        tf.pair_samples(1, 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(params_strategy)
+def test_points_to_matrix_recovers_a_rigid_transform_from_moved_corners(params):
+    matrix = as_t(ref.rigid(params[0], params[1], params[2], params[3:]))
+    corners_mm = as_t(ref.REAL_SCALE) @ tf.image_corners((480, 640)).double()
+    moved = (matrix @ corners_mm)[:3]
+    assert_close(tf.points_to_matrix(moved, corners_mm), matrix, atol=1e-8, rtol=0)
+
+
+def test_points_to_matrix_is_a_proper_rotation_for_noisy_points():
+    generator = torch.Generator().manual_seed(0)
+    corners_mm = as_t(ref.REAL_SCALE) @ tf.image_corners((480, 640)).double()
+    noisy = corners_mm[:3] + torch.randn(16, 3, 4, generator=generator, dtype=torch.float64)
+    fitted = tf.points_to_matrix(noisy, corners_mm)
+    rotation = fitted[:, :3, :3]
+    assert_close(rotation.transpose(-1, -2) @ rotation, torch.eye(3, dtype=torch.float64).expand(16, 3, 3))
+    assert_close(torch.linalg.det(rotation), torch.ones(16, dtype=torch.float64))

@@ -155,6 +155,22 @@ def relative_transforms(tforms: torch.Tensor, pairs, tform_calib_R_T: torch.Tens
     return torch.linalg.inv(calib) @ tool_moving_to_tool_reference @ calib
 
 
+def pair_samples(num_samples: int, num_pred: int) -> torch.Tensor:
+    """The baseline's training pairs within a window of ``num_samples`` frames: [M, 2] ``(j, i)``.
+
+    Each of the last ``num_pred`` frames i of the window is paired with every earlier frame j < i,
+    ordered by i then j (``NUM_SAMPLES=2, NUM_PRED=1`` gives ``[[0, 1]]``). The network predicts
+    ``T_{j<-i}`` for every row, in this order.
+    """
+    num_samples, num_pred = int(num_samples), int(num_pred)
+    if num_samples < 2:
+        raise ValueError(f"NUM_SAMPLES={num_samples} must be at least 2 (a pair of frames)")
+    if not 1 <= num_pred <= num_samples - 1:
+        raise ValueError(f"NUM_PRED={num_pred} must be in 1..NUM_SAMPLES-1 = 1..{num_samples - 1}")
+    pairs = [(j, i) for i in range(num_samples - num_pred, num_samples) for j in range(i)]
+    return torch.tensor(pairs, dtype=torch.long)
+
+
 def data_pairs_global(num_frames: int) -> torch.Tensor:
     """Pairs ``(0, i)`` for i = 0..num_frames-1 (the baseline's helper; row 0 is the identity)."""
     index = torch.arange(num_frames)
@@ -249,6 +265,34 @@ def matrix_to_transform12(tform: torch.Tensor) -> torch.Tensor:
 def transform_points(tform: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Apply [..., 4, 4] to homogeneous points [4, P]: returns [..., 3, P] (mm when both are)."""
     return (tform @ points.to(tform))[..., 0:3, :]
+
+
+def points_to_matrix(points: torch.Tensor, reference_points: torch.Tensor) -> torch.Tensor:
+    """The rigid transform that best moves ``reference_points`` onto ``points`` (least squares).
+
+    Args:
+        points: [..., 3, P] target positions (e.g. a ``point`` prediction), mm.
+        reference_points: [4, P] or [3, P] the points before the transform (e.g. image corners in
+            image mm); P >= 3 and not collinear.
+    Returns:
+        [..., 4, 4] proper rotation (det +1) and translation minimising the summed squared distances
+        (Kabsch: SVD of the cross-covariance, with the reflection case folded back), in the dtype of
+        ``points``. Used to turn ``point`` predictions into transforms for chaining and DDFs.
+    """
+    source = reference_points[:3].to(points)
+    source_mean = source.mean(dim=-1, keepdim=True)
+    target_mean = points.mean(dim=-1, keepdim=True)
+    covariance = (points - target_mean) @ (source - source_mean).transpose(-1, -2)  # [..., 3, 3]
+    u, _, vh = torch.linalg.svd(covariance)
+    # Flip the axis of the smallest singular value when U V^T would be a reflection; for coplanar
+    # points (image corners) that singular value is 0 and the flip picks the proper rotation.
+    sign = torch.sign(torch.linalg.det(u @ vh))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    correction = torch.ones(*sign.shape, 3, dtype=points.dtype, device=points.device)
+    correction[..., 2] = sign
+    rotation = u @ torch.diag_embed(correction) @ vh
+    translation = (target_mean - rotation @ source_mean)[..., 0]
+    return homogeneous(rotation, translation)
 
 
 # --------------------------------------------------------------------------------------------
