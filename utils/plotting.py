@@ -1,4 +1,4 @@
-"""Pictures of a scan's reconstruction: frame-corner trajectories in 3D and drift against frame index."""
+"""Pictures: a scan's frame-corner trajectories in 3D, drift against frame index, training curves."""
 
 from __future__ import annotations
 
@@ -51,6 +51,28 @@ def plot_drift(frame_errors, path, title: str = "", ylabel: str = "mean pixel er
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_training_curves(epochs, series: dict, path, title: str = "", ylabel: str = "point distance (mm)") -> None:
+    """Curves against epoch, one per entry of ``series`` (name -> values; NaN points are skipped).
+
+    Used for a run's ``curves.png``: training and validation point distance, and the whole-scan
+    validation GPE/LPE where they were computed.
+    """
+    epochs = np.asarray(epochs, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in series.items():
+        values = np.asarray(values, dtype=float)
+        keep = np.isfinite(values)
+        if keep.any():
+            ax.plot(epochs[keep], values[keep], marker="o", ms=3, lw=1.2, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     _save(fig, path)
 
 

@@ -1,0 +1,183 @@
+"""Options of ``train.py``: defaults are the official TUS-REC 2025 baseline's settings.
+
+Each field's ``aliases`` keep the baseline's flag spellings (``--NUM_SAMPLES``, ``--PRED_TYPE``, ...)
+so commands from the challenge README run unchanged. Variants live in ``options/presets/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from options.core import option
+
+# Hard-coded rather than read from the models registry: options must not import model code.
+MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18")
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Train a network that predicts the transforms between ultrasound frames from the images."""
+
+    # --- data -------------------------------------------------------------------------------
+    data_path: str = option(
+        "data",
+        "dataset root in either challenge layout (train: frames_transfs/, or frames/ + transfs/); "
+        "the baseline's data/frames_transfs is accepted too",
+        aliases=("DATA_PATH",),
+    )
+    calib_file: str | None = option(
+        None, "calibration CSV; none = <data_path>/calib_matrix.csv", aliases=("FILENAME_CALIB",)
+    )
+    landmark_path: str | None = option(
+        None, "folder of landmark_<NNN>.h5 files; none = found in the data root", aliases=("LANDMARK_PATH",)
+    )
+
+    # --- what the network predicts and what it is compared with -----------------------------
+    pred_type: str = option(
+        "parameter",
+        "network output per pair of frames",
+        choices=("parameter", "transform", "quaternion", "point"),
+        aliases=("PRED_TYPE",),
+    )
+    label_type: str = option(
+        "point",
+        "label the loss compares the prediction with, per pair of frames",
+        choices=("point", "parameter", "transform"),
+        aliases=("LABEL_TYPE",),
+    )
+    num_samples: int = option(2, "frames per input window", aliases=("NUM_SAMPLES",))
+    sample_range: int = option(
+        2, "span in frames from which the window's frames are drawn", aliases=("SAMPLE_RANGE",)
+    )
+    num_pred: int = option(
+        1, "transforms predicted per window (pairs of its frames)", aliases=("NUM_PRED",)
+    )
+    model_name: str = option("efficientnet_b1", "network architecture", choices=MODEL_NAMES)
+
+    # --- optimisation -----------------------------------------------------------------------
+    minibatch_size: int = option(16, "windows per optimiser step", aliases=("MINIBATCH_SIZE",))
+    learning_rate: float = option(1e-4, "learning rate", aliases=("LEARNING_RATE",))
+    num_epochs: int = option(
+        100000000,
+        "epochs to train (the baseline trains until stopped); an epoch = samples_per_scan windows from "
+        "every training scan",
+        aliases=("NUM_EPOCHS",),
+    )
+    optimizer: str = option("adam", "optimiser", choices=("adam", "adamw"))
+    weight_decay: float = option(0.0, "weight decay of the optimiser")
+    lr_schedule: str = option(
+        "constant", "learning-rate schedule after the warm-up", choices=("constant", "cosine")
+    )
+    warmup_steps: int = option(0, "optimiser steps of linear learning-rate warm-up; 0 = none")
+    grad_clip: float = option(0.0, "clip the gradient norm to this value; 0 = off")
+    max_steps: int | None = option(None, "stop after this many optimiser steps in total; none = no limit")
+    seed: int = option(0, "random seed (each distributed rank adds its rank)")
+
+    # --- logging, saving, validation --------------------------------------------------------
+    freq_info: int = option(10, "epochs between summary lines in the log", aliases=("FREQ_INFO",))
+    freq_save: int = option(
+        100, "epochs between writes of last.pt (it is also written at the end of the run)", aliases=("FREQ_SAVE",)
+    )
+    val_fre: int = option(1, "epochs between validations")
+    val_scan_every: int = option(
+        10, "epochs between whole-scan GPE/LPE of the validation scans; 0 = never"
+    )
+    save_every_steps: int = option(
+        0, "also write last.pt every this many optimiser steps; 0 = only per freq_save and at the end"
+    )
+    log_every_steps: int = option(50, "optimiser steps between progress lines when not attached to a terminal")
+    name: str | None = option(None, "run folder name; none = the preset's name, or 'train'")
+    out_dir: str = option("results", "root of the numbered run folders <NNN>-<name>")
+
+    # --- hardware ---------------------------------------------------------------------------
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    num_workers: int = option(8, "DataLoader worker processes (the baseline's 8)")
+    amp: bool = option(True, "mixed precision (only used on CUDA)")
+    amp_dtype: str = option("bfloat16", "mixed-precision dtype", choices=("bfloat16", "float16"))
+    inference_batch_size: int = option(32, "windows per forward pass when predicting whole scans")
+
+    # --- splits -----------------------------------------------------------------------------
+    num_folds: int = option(5, "folds the subjects are split into")
+    split_seed: int = option(4, "seed of the subject shuffle before splitting (the baseline's random.Random(4))")
+    train_folds: list[int] = option([0, 1, 2], "folds used for training")
+    val_folds: list[int] = option([3], "folds used for validation")
+    test_folds: list[int] = option([4], "folds held out for testing")
+    folds_file: str | None = option(None, "folds JSON to reuse instead of splitting; none = split")
+
+    # --- sampling and augmentation ----------------------------------------------------------
+    samples_per_scan: int = option(1, "windows drawn from each training scan per epoch (the baseline draws 1)")
+    val_samples_per_scan: int = option(
+        1, "fixed windows per validation scan, the same at every validation"
+    )
+    downsample: int = option(1, "integer factor of area down-sampling of the frames; 1 = full resolution")
+    cache_dir: str | None = option(None, "folder of an on-disk cache of down-sampled scans; none = no cache")
+    reverse_prob: float = option(0.0, "probability of reversed playback augmentation")
+    max_stride: int = option(1, "largest random stride between a window's frames (1..max_stride)")
+
+    def validate(self) -> None:
+        """Raise ValueError listing every invalid value or combination, with what is allowed."""
+        # Imported here: utils.transform loads torch (seconds), and reading or writing presets needs none.
+        from utils.transform import check_pred_label
+
+        problems = []
+        try:
+            check_pred_label(self.pred_type, self.label_type)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if self.num_samples < 2:
+            problems.append(f"num_samples={self.num_samples}: a window needs at least 2 frames")
+        if self.sample_range < self.num_samples:
+            problems.append(
+                f"sample_range={self.sample_range}: must be >= num_samples={self.num_samples} "
+                "(the window's frames are drawn from it)"
+            )
+        if not 1 <= self.num_pred <= self.num_samples - 1:
+            problems.append(
+                f"num_pred={self.num_pred}: must be in 1..num_samples-1 = 1..{self.num_samples - 1}"
+            )
+        for name in (
+            "minibatch_size", "learning_rate", "num_epochs", "freq_info", "freq_save", "val_fre",
+            "samples_per_scan", "val_samples_per_scan", "downsample", "max_stride",
+            "inference_batch_size", "num_folds", "log_every_steps",
+        ):
+            value = getattr(self, name)
+            # `not value > 0` also rejects nan.
+            if not value > 0 or (isinstance(value, float) and not value < float("inf")):
+                problems.append(f"{name}={value}: must be positive")
+        non_negative = ("num_workers", "weight_decay", "warmup_steps", "grad_clip", "save_every_steps", "val_scan_every")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not value >= 0:
+                problems.append(f"{name}={value}: must be >= 0")
+        if not 0.0 <= self.reverse_prob <= 1.0:
+            problems.append(f"reverse_prob={self.reverse_prob}: must be in [0, 1]")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps={self.max_steps}: must be >= 1 or none")
+        if not _DEVICE.fullmatch(self.device):
+            problems.append(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+        problems += self._fold_problems()
+        if problems:
+            raise ValueError("invalid training options:\n  - " + "\n  - ".join(problems))
+
+    def _fold_problems(self) -> list[str]:
+        problems = []
+        folds = {"train_folds": self.train_folds, "val_folds": self.val_folds, "test_folds": self.test_folds}
+        allowed = f"0..{self.num_folds - 1}"
+        for name, ids in folds.items():
+            bad = [i for i in ids if not 0 <= i < self.num_folds]
+            if bad:
+                problems.append(f"{name}={ids}: fold ids {bad} are outside {allowed} (num_folds={self.num_folds})")
+            if len(set(ids)) != len(ids):
+                problems.append(f"{name}={ids}: a fold is listed twice")
+        if not self.train_folds:
+            problems.append("train_folds is empty: at least one fold must be used for training")
+        names = list(folds)
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                shared = sorted(set(folds[names[a]]) & set(folds[names[b]]))
+                if shared:
+                    problems.append(f"{names[a]} and {names[b]} share folds {shared}: they must be disjoint")
+        return problems

@@ -1,0 +1,216 @@
+"""train.py end to end on the simulator's `tiny` preset: every output/label type, overfitting, exact
+resume, the run folder's files and checkpoints, bad options, and DDP with two CPU processes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.testing import assert_close
+
+import train
+from options.core import load_preset
+from options.train_options import TrainOptions
+from simulation.dataset import generate_dataset
+from utils import transform as tf
+from utils.checkpoint import load_checkpoint
+from utils.training_data import EpochSampler, FrameWindowDataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 subjects x 2 scans x 24 frames of 120x160 (2 training folds, 1 validation, 1 test)."""
+    root = tmp_path_factory.mktemp("tiny")
+    generate_dataset(root, "tiny", seed=3, subjects=4)
+    return root
+
+
+def base_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A run small enough for a test: 64x80 network input, 4 folds of one subject each."""
+    return [
+        "--DATA_PATH", str(data), "--out_dir", str(out), "--device", "cpu", "--num_workers", "0",
+        "--num_folds", "4", "--train_folds", "0,1", "--val_folds", "2", "--test_folds", "3",
+        "--downsample", "2", "--MINIBATCH_SIZE", "4", "--samples_per_scan", "2", "--val_samples_per_scan", "2",
+        "--NUM_EPOCHS", "1", "--val_scan_every", "1", "--log_every_steps", "1", "--model_name", "efficientnet_b1",
+        *extra,
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+ALLOWED = [(pred, label) for pred, labels in tf.ALLOWED_PRED_LABEL.items() for label in labels]
+
+
+@pytest.mark.parametrize("pred_type,label_type", ALLOWED)
+def test_a_few_steps_for_every_allowed_output_and_label_type(tiny_data, tmp_path, pred_type, label_type):
+    result = train.run(base_args(tiny_data, tmp_path, "--PRED_TYPE", pred_type, "--LABEL_TYPE", label_type,
+                                 "--name", f"smoke-{pred_type}-{label_type}"))
+    # 2 training subjects x 2 scans x 2 windows = 8 windows -> 2 steps of 4.
+    assert result.step == 2 and result.epoch == 1
+    assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
+    rows = read_metrics(result.run_dir)
+    assert [int(row["epoch"]) for row in rows] == [0, 1]  # untrained network, then one epoch
+    for row in rows:
+        assert float(row["val_dist"]) > 0
+        assert float(row["val_GPE"]) > 0 and float(row["val_LPE"]) > 0
+        # an untrained network is not expected to beat identity, but the identity errors must be
+        # the same whatever the network does
+        assert float(row["val_GPE_identity"]) == float(rows[0]["val_GPE_identity"])
+    checkpoint = load_checkpoint(result.run_dir / "last.pt")
+    num_pairs = 1
+    points = 3 * 4
+    expected_dim = {"parameter": 6, "transform": 12, "quaternion": 7, "point": points}[pred_type] * num_pairs
+    assert checkpoint["model_args"] == {"name": "efficientnet_b1", "in_frames": 2, "pred_dim": expected_dim}
+
+
+def test_run_folder_holds_resolved_options_folds_logs_curves_and_checkpoints(tiny_data, tmp_path):
+    first = train.run(base_args(tiny_data, tmp_path, "--name", "files"))
+    second = train.run(base_args(tiny_data, tmp_path, "--name", "files"))
+    assert first.run_dir != second.run_dir  # runs never overwrite each other
+    assert first.run_dir.name.endswith("-files") and second.run_dir.name.endswith("-files")
+    run_dir = first.run_dir
+    for name in ("options.yaml", "folds.json", "log.txt", "metrics.csv", "curves.png", "last.pt", "best.pt"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tb").iterdir())
+    # the resolved options are a valid preset that gives the same options back
+    reloaded = TrainOptions(**load_preset(TrainOptions, run_dir / "options.yaml"))
+    assert reloaded.num_folds == 4 and reloaded.downsample == 2 and reloaded.data_path == str(tiny_data)
+    log_text = (run_dir / "log.txt").read_text()
+    assert "run folder" in log_text and "samples/s" in log_text and "ETA" in log_text
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best", "options", "model_args",
+                "format_version"):
+        assert key in checkpoint
+    assert checkpoint["options"]["num_folds"] == 4
+    assert checkpoint["folds"] == [[0], [1], [2], [3]] or sorted(sum(checkpoint["folds"], [])) == [0, 1, 2, 3]
+    best = load_checkpoint(run_dir / "best.pt")
+    rows = read_metrics(run_dir)
+    assert best["best"]["val_dist"] == pytest.approx(min(float(row["val_dist"]) for row in rows), rel=1e-12)
+
+
+def test_training_overfits_a_handful_of_windows():
+    """The loss of 4 fixed windows falls by more than an order of magnitude in 60 steps.
+
+    The network runs in eval mode (no dropout, fixed batch-norm statistics) so that what is tested
+    is the wiring of labels, predictions and loss, not how noisy a 4-sample batch makes training.
+    """
+    torch.manual_seed(0)
+    generator = np.random.default_rng(0)
+    tforms = torch.from_numpy(np.stack([np.eye(4)] * 8))
+    for k in range(1, 8):  # steps of ~4 mm and ~0.1 rad, varying by 25 %
+        step = tf.params_to_matrix(torch.from_numpy(np.concatenate(
+            [generator.normal(0.1, 0.02, 3), generator.normal(4.0, 1.0, 3)])))
+        tforms[k] = tforms[k - 1] @ step
+    frames = torch.from_numpy(generator.integers(0, 255, (8, 32, 40), dtype=np.uint8))
+    windows = [(k, k + 1) for k in range(0, 8, 2)]
+    batch_frames = torch.stack([frames[list(w)] for w in windows]).float() / 255
+    batch_tforms = torch.stack([tforms[list(w)] for w in windows])
+    scale = torch.diag(torch.tensor([0.2, 0.2, 1.0, 1.0], dtype=torch.float64))
+    geometry = train.PairGeometry(tf.pair_samples(2, 1), "parameter", "point", torch.eye(4, dtype=torch.float64),
+                                  scale @ tf.image_corners((32, 40)).double())
+    import models
+
+    model = models.build_model("efficientnet_b1", 2, geometry.pred_dim()).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    labels = geometry.labels(batch_tforms)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(geometry.predictions(model(batch_frames)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.1 * losses[0], (losses[0], losses[-3:])
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
+    # 8 windows per epoch -> 2 steps per epoch with batches of 4; 3 epochs = 6 steps, stop after 3
+    # (inside the second epoch).
+    args = base_args(tiny_data, tmp_path, "--NUM_EPOCHS", "3", "--val_scan_every", "0", "--seed", "7")
+    uninterrupted = train.run(args + ["--name", "whole"])
+    stopped = train.run(args + ["--name", "stopped", "--max_steps", "3"])
+    assert stopped.step == 3 and stopped.losses == uninterrupted.losses[:3]
+    at_stop = load_checkpoint(stopped.run_dir / "last.pt")
+    assert (at_stop["epoch"], at_stop["batch_in_epoch"], at_stop["step"]) == (1, 1, 3)
+    resumed = train.run(["--resume", str(stopped.run_dir / "last.pt"), "--max_steps", "100"])
+    assert resumed.run_dir == stopped.run_dir
+    assert resumed.step == uninterrupted.step == 6
+    assert resumed.losses == uninterrupted.losses[3:]  # bit for bit: same batches, same dropout draws
+    end_whole = load_checkpoint(uninterrupted.run_dir / "last.pt")
+    end_resumed = load_checkpoint(stopped.run_dir / "last.pt")
+    assert end_resumed["step"] == end_whole["step"] and end_resumed["epoch"] == end_whole["epoch"]
+    for key, value in end_whole["model"].items():
+        assert torch.equal(value, end_resumed["model"][key]), key
+    state_whole, state_resumed = end_whole["optimizer"]["state"], end_resumed["optimizer"]["state"]
+    assert state_whole.keys() == state_resumed.keys()
+    for index in state_whole:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state_whole[index][name], state_resumed[index][name])
+    rows = read_metrics(stopped.run_dir)
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]  # the resumed run appends
+
+
+def test_resume_refuses_changing_the_model(tiny_data, tmp_path):
+    stopped = train.run(base_args(tiny_data, tmp_path, "--max_steps", "1", "--val_scan_every", "0"))
+    with pytest.raises(ValueError, match="num_samples"):
+        train.run(["--resume", str(stopped.run_dir / "last.pt"), "--NUM_SAMPLES", "3"])
+
+
+def test_init_weights_loads_weights_only(tiny_data, tmp_path):
+    source = train.run(base_args(tiny_data, tmp_path, "--name", "source", "--val_scan_every", "0"))
+    started = train.run(base_args(tiny_data, tmp_path, "--name", "started", "--max_steps", "1", "--val_scan_every", "0",
+                                  "--init_weights", str(source.run_dir / "last.pt")))
+    assert started.step == 1  # optimiser and step count start afresh
+    rows = read_metrics(started.run_dir)
+    source_rows = read_metrics(source.run_dir)
+    # validation of the untrained network of the new run is that of the source's final weights
+    assert float(rows[0]["val_dist"]) == pytest.approx(float(source_rows[-1]["val_dist"]), rel=1e-5)
+
+
+def test_non_finite_loss_stops_the_run_with_a_message(tiny_data, tmp_path):
+    with pytest.raises(FloatingPointError, match="loss is (nan|inf)"):
+        train.run(base_args(tiny_data, tmp_path, "--LEARNING_RATE", "1e30", "--NUM_EPOCHS", "3",
+                            "--val_scan_every", "0", "--optimizer", "adam", "--PRED_TYPE", "transform",
+                            "--LABEL_TYPE", "point"))
+
+
+def test_bad_options_are_refused_before_anything_is_written(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="PRED_TYPE='point'"):
+        train.run(base_args(tiny_data, tmp_path, "--PRED_TYPE", "point", "--LABEL_TYPE", "parameter"))
+    with pytest.raises(SystemExit):
+        train.run(base_args(tiny_data, tmp_path, "--NUM_SAMPLE", "3"))  # misspelt flag
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes(tiny_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TUSREC_DDP_BACKEND="gloo")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO_ROOT / "train.py"), *base_args(tiny_data, tmp_path, "--name", "ddp", "--NUM_EPOCHS", "2",
+                                                      "--samples_per_scan", "3")]
+    finished = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*-ddp"))
+    assert len(runs) == 1  # rank 0 made the folder, rank 1 used it
+    checkpoint = load_checkpoint(runs[0] / "last.pt")
+    # 2 subjects x 2 scans x 3 windows = 12 windows per epoch, split over 2 ranks: 6 each, 2 steps of 4
+    # (the last one of 2) per rank per epoch -> 4 steps in 2 epochs.
+    assert checkpoint["step"] == 4 and checkpoint["epoch"] == 2
+    rows = read_metrics(runs[0])
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
+    log_text = (runs[0] / "log.txt").read_text()
+    assert "processes: 2" in log_text
+    assert log_text.count("run folder") == 1  # only rank 0 logs

@@ -1,0 +1,734 @@
+"""Train a network that predicts the probe's motion between ultrasound frames (TUS-REC baseline, done properly).
+
+Usage::
+
+    python train.py --preset fast_cpu --DATA_PATH data/demo          # one process, CPU or one GPU
+    torchrun --nproc_per_node 2 train.py --preset baseline           # DDP (gloo on CPU, nccl on GPU)
+    python train.py --resume results/003-fast_cpu/last.pt            # continue exactly where it stopped
+    python train.py --init_weights TUS-REC2024_model/model_weights   # start from released weights
+
+Options: ``options/train_options.py`` (defaults = the official baseline's), presets in
+``options/presets/``; precedence defaults < preset < command line; the baseline's flags
+(``--NUM_SAMPLES``, ``--PRED_TYPE``, ...) work as aliases. Each run writes ``results/<NNN>-<name>/``:
+``options.yaml`` (the resolved options, a valid preset), ``folds.json``, ``log.txt``, ``metrics.csv``
+(a row per epoch), ``curves.png``, TensorBoard events in ``tb/``, and the checkpoints ``last.pt`` and
+``best.pt`` (lowest validation point distance).
+
+What one step does, as the baseline: a batch of windows of ``NUM_SAMPLES`` frames (``/255``) goes
+through the network; its output per pair ``(j, i)`` of ``pair_samples(NUM_SAMPLES, NUM_PRED)`` is
+turned into the label type (``LABEL_TYPE``) and compared with the label from the tracked poses by
+MSE. The point distance (mm between the image corners moved by the predicted and by the true
+transform) is reported for training and validation; every ``val_scan_every`` epochs the whole
+validation scans are predicted and scored with the official GPE/LPE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import models
+from options.core import build_parser, load_preset, options_from_dict, options_to_dict, write_options
+from options.train_options import TrainOptions
+from utils import metrics
+from utils import transform as tf
+from utils.calibration import load_calibration
+from utils.challenge_data import CALIB_FILE, ScanFile, find_scans
+from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint, unwrap_model
+from utils.plotting import plot_training_curves
+from utils.prediction import predict_scan_transforms
+from utils.run_dir import make_run_dir
+from utils.training_data import (
+    EpochSampler,
+    FrameWindowDataset,
+    cache_downsampled_scans,
+    read_folds,
+    read_scan_frames,
+    resolve_data_root,
+    scans_of_folds,
+    subject_folds,
+    write_folds,
+)
+
+log = logging.getLogger("train")
+
+# Options that may change when a run is resumed: where things are, how long and how often.
+# Everything else (model, data sampling, optimiser) must stay as the checkpoint says, or the
+# continuation would not be the same run.
+RESUMABLE_OVERRIDES = frozenset({
+    "num_epochs", "max_steps", "device", "num_workers", "freq_info", "freq_save", "val_fre",
+    "log_every_steps", "save_every_steps", "val_scan_every", "data_path", "calib_file",
+    "landmark_path", "cache_dir", "inference_batch_size", "amp",
+})
+
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_dist", "val_loss", "val_dist",
+                  "val_GPE", "val_LPE", "val_GPE_identity", "val_LPE_identity", "epoch_s", "samples_per_s",
+                  "data_wait_fraction")
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry of one batch: labels from poses, predictions in the label type, point distances
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairGeometry:
+    """The baseline's LabelTransform / PredictionTransform / PointTransform for one set of pairs.
+
+    Attributes:
+        pairs: [M, 2] ``(j, i)`` frame pairs within a window (``tf.pair_samples``).
+        pred_type, label_type: the network output and label types.
+        calib_R_T: [4, 4] float64 ``C`` on the device.
+        image_points_mm: [4, P] float64 reference points (the image corners of the ORIGINAL frame
+            size) in image mm; labels stay in this frame even when the network sees down-sampled
+            frames, so predictions mean the same thing at any input resolution.
+    """
+
+    pairs: torch.Tensor
+    pred_type: str
+    label_type: str
+    calib_R_T: torch.Tensor
+    image_points_mm: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pairs.shape[0])
+
+    def pred_dim(self) -> int:
+        return tf.type_dim(self.pred_type, self.image_points_mm.shape[1], self.num_pairs)
+
+    def labels(self, tforms: torch.Tensor) -> torch.Tensor:
+        """Labels [B, M, ...] (float32) from poses [B, n, 4, 4]; computed in float64, where the
+        difference of two tracker poses hundreds of mm from the camera keeps its precision."""
+        relative = tf.relative_transforms(tforms.double(), self.pairs, self.calib_R_T)
+        return tf.matrix_to_label(relative, self.label_type, self.image_points_mm).float()
+
+    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Network outputs [B, M*D] -> [B, M, ...] in the label type (float32)."""
+        return tf.prediction_to_label(outputs.float(), self.pred_type, self.label_type, self.num_pairs,
+                                      self.image_points_mm.float())
+
+    def points(self, values: torch.Tensor) -> torch.Tensor:
+        """Label-type values [B, M, ...] -> reference points after the transform [B, M, 3, P] (mm)."""
+        points_mm = self.image_points_mm.to(values.dtype)
+        if self.label_type == "point":
+            return values
+        if self.label_type == "parameter":
+            return tf.transform_points(tf.params_to_matrix(values), points_mm)
+        return tf.transform_points(values, points_mm)
+
+    def point_distance(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean distance (mm) between predicted and true reference points, over batch, pairs and points."""
+        difference = self.points(predictions) - self.points(labels)
+        return torch.linalg.vector_norm(difference, dim=-2).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, distributed: Distributed) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if distributed.enabled:
+            device = torch.device("cuda", distributed.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed() -> Distributed:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    return Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def broadcast_object(value, distributed: Distributed):
+    if not distributed.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sums(values: list[float], device: torch.device, distributed: Distributed) -> list[float]:
+    if not distributed.enabled:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Logging, progress and the per-epoch table
+# --------------------------------------------------------------------------------------------
+
+
+def setup_logging(run_dir: Path | None, distributed: Distributed) -> None:
+    """Rank 0 logs to stdout and ``run_dir/log.txt``; other ranks only warnings."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_train_handler", False):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.INFO if distributed.is_main else logging.WARNING)
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and distributed.is_main:
+        handlers.append(logging.FileHandler(run_dir / "log.txt", mode="a"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler._train_handler = True
+        root.addHandler(handler)
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a log line every ``every`` steps with rate and ETA."""
+
+    def __init__(self, total: int, description: str, every: int, enabled: bool, unit_samples: int):
+        self.total, self.every, self.enabled = total, max(1, every), enabled
+        self.unit_samples = unit_samples
+        self.description = description
+        self.start = time.perf_counter()
+        self.done = 0
+        self.bar = tqdm(total=total, desc=description, unit="step", leave=False, dynamic_ncols=True) \
+            if enabled and sys.stdout.isatty() else None
+
+    def update(self, loss: float, dist_mm: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4g}", dist=f"{dist_mm:.3f}mm")
+        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
+            elapsed = time.perf_counter() - self.start
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate > 0 else math.nan
+            log.info("%s step %d/%d  loss %.4g  dist %.3f mm  %.1f samples/s  ETA %s", self.description, self.done,
+                     self.total, loss, dist_mm, rate * self.unit_samples, format_seconds(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def append_metrics_row(path: Path, row: dict) -> None:
+    """Append one epoch's row to ``metrics.csv`` (header written with the first row)."""
+    new_file = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        if new_file:
+            writer.writeheader()
+        writer.writerow({key: row.get(key, "") for key in METRIC_COLUMNS})
+
+
+def plot_curves(run_dir: Path) -> None:
+    """Redraw ``curves.png`` from ``metrics.csv``: the picture a user looks at first."""
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "metrics.csv")
+    if table.empty:
+        return
+    series = {name.replace("_", " "): table[name] for name in ("train_dist", "val_dist", "val_GPE", "val_LPE")
+              if name in table and table[name].notna().any()}
+    plot_training_curves(table["epoch"], series, run_dir / "curves.png", title=run_dir.name,
+                         ylabel="mm (point distance; GPE/LPE on whole validation scans)")
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch of training, one validation
+# --------------------------------------------------------------------------------------------
+
+
+def autocast_context(device: torch.device, options: TrainOptions):
+    if device.type == "cuda" and options.amp:
+        return torch.autocast("cuda", dtype=getattr(torch, options.amp_dtype))
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairGeometry, device: torch.device,
+                    options: TrainOptions, state: dict, distributed: Distributed, description: str) -> dict:
+    """Train over ``loader`` (already positioned for a resumed epoch); updates ``state`` in place.
+
+    ``state`` holds ``step`` and ``batch_in_epoch`` and a ``save`` callback for step checkpoints.
+    Returns the epoch's mean loss and point distance over this process's batches, the time spent
+    waiting for data and the number of samples. Stops early at ``options.max_steps``.
+    """
+    model.train()
+    loss_sum = dist_sum = 0.0
+    batches = samples = 0
+    data_wait = 0.0
+    start = time.perf_counter()
+    progress = Progress(len(loader), description, options.log_every_steps, distributed.is_main,
+                        options.minibatch_size * distributed.world_size)
+    iterator = iter(loader)
+    while True:
+        if options.max_steps is not None and state["step"] >= options.max_steps:
+            break
+        wait_start = time.perf_counter()
+        try:
+            frames, tforms, _ = next(iterator)
+        except StopIteration:
+            break
+        data_wait += time.perf_counter() - wait_start
+        frames = frames.to(device, non_blocking=True).float().div_(255)
+        tforms = tforms.to(device, non_blocking=True)
+        labels = geometry.labels(tforms)
+        with autocast_context(device, options):
+            outputs = model(frames)
+        predictions = geometry.predictions(outputs)
+        loss = torch.nn.functional.mse_loss(predictions, labels)
+        # One scalar per step is a CPU-GPU sync point; the baseline pays it too (loss.item()), and it
+        # lets a diverging run stop at the step that diverged instead of after saving NaN weights.
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"loss is {loss_value} at step {state['step'] + 1} (epoch {state['epoch']}); stopping. "
+                f"Lower --learning_rate (now {options.learning_rate}) or set --grad_clip."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if options.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():
+            dist_mm = float(geometry.point_distance(predictions.detach(), labels))
+        state["step"] += 1
+        state["batch_in_epoch"] += 1
+        state["last_losses"].append(loss_value)
+        loss_sum += loss_value
+        dist_sum += dist_mm
+        batches += 1
+        samples += frames.shape[0]
+        progress.update(loss_value, dist_mm)
+        if options.save_every_steps and state["step"] % options.save_every_steps == 0:
+            state["save"]("last.pt")
+    progress.close()
+    elapsed = time.perf_counter() - start
+    totals = all_reduce_sums([loss_sum, dist_sum, batches, samples, data_wait, elapsed], device, distributed)
+    loss_sum, dist_sum, batches, samples, data_wait, elapsed_all = totals
+    return {
+        "train_loss": loss_sum / batches if batches else math.nan,
+        "train_dist": dist_sum / batches if batches else math.nan,
+        "samples": int(samples),
+        "data_wait_fraction": data_wait / elapsed_all if elapsed_all > 0 else math.nan,
+        "epoch_s": elapsed,
+        "batches": int(batches),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, geometry: PairGeometry, device: torch.device, options: TrainOptions,
+             distributed: Distributed) -> dict:
+    """Validation loss and point distance on fixed windows (the same every time), averaged per window."""
+    model.eval()
+    loss_sum = dist_sum = count = 0.0
+    for frames, tforms, _ in loader:
+        frames = frames.to(device, non_blocking=True).float().div_(255)
+        labels = geometry.labels(tforms.to(device))
+        with autocast_context(device, options):
+            outputs = model(frames)
+        predictions = geometry.predictions(outputs)
+        batch = frames.shape[0]
+        per_window_loss = ((predictions - labels) ** 2).reshape(batch, -1).mean(dim=1)
+        per_window_dist = torch.linalg.vector_norm(
+            geometry.points(predictions) - geometry.points(labels), dim=-2).reshape(batch, -1).mean(dim=1)
+        loss_sum += float(per_window_loss.sum())
+        dist_sum += float(per_window_dist.sum())
+        count += batch
+    loss_sum, dist_sum, count = all_reduce_sums([loss_sum, dist_sum, count], device, distributed)
+    return {"val_loss": loss_sum / count if count else math.nan, "val_dist": dist_sum / count if count else math.nan}
+
+
+@torch.no_grad()
+def evaluate_scans(model, scans, source_scans, read_factor: int, calibration, geometry: PairGeometry,
+                   device: torch.device, options: TrainOptions) -> dict:
+    """Official GPE/LPE (and their identity values) of whole scans, averaged over scans.
+
+    ``scans`` are what the network reads (the originals, down-sampled by ``read_factor`` on reading,
+    or a cache already down-sampled, ``read_factor`` 1); ``source_scans`` the original files, whose
+    frame size and poses define the metrics.
+    """
+    model.eval()
+    scale = torch.from_numpy(np.array(calibration.scale))
+    calib_r_t = torch.from_numpy(np.array(calibration.calib_R_T))
+    amp_dtype = getattr(torch, options.amp_dtype) if device.type == "cuda" and options.amp else None
+    rows = []
+    for ref, source in zip(scans, source_scans):
+        with ScanFile(source) as scan_file:
+            tforms = torch.from_numpy(scan_file.read_tforms()).double()
+            height, width = scan_file.frame_size
+        frames = read_scan_frames(ref, read_factor)
+        global_pred, local_pred = predict_scan_transforms(
+            model, frames, num_samples=options.num_samples, num_pred=options.num_pred, pred_type=options.pred_type,
+            image_points_mm=geometry.image_points_mm.cpu(), device=device, batch_size=options.inference_batch_size,
+            amp_dtype=amp_dtype)
+        global_true = tf.global_transforms(tforms, calib_r_t)
+        local_true = tf.local_transforms(tforms, calib_r_t)
+        errors = metrics.scan_errors_from_transforms(global_true, global_pred, local_true, local_pred, scale,
+                                                     None, height, width)
+        identity = metrics.identity_errors_from_transforms(global_true, local_true, scale, None, height, width)
+        rows.append((errors["GPE"], errors["LPE"], identity["GPE"], identity["LPE"]))
+    means = np.mean(np.array(rows), axis=0) if rows else [math.nan] * 4
+    return dict(zip(("val_GPE", "val_LPE", "val_GPE_identity", "val_LPE_identity"), map(float, means)))
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up: options, data, model, optimiser
+# --------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue a run from its last.pt (options come from the checkpoint)")
+    parser.add_argument("--init_weights", type=Path, default=None,
+                        help="initialise the network from a checkpoint or a bare state dict (weights only)")
+    return build_parser(TrainOptions, parser)
+
+
+def resolve_options(argv) -> tuple[TrainOptions, argparse.Namespace, dict | None]:
+    """Options, the script-only arguments, and the checkpoint when resuming."""
+    namespace = get_args_parser().parse_args(argv)
+    given = {key: value for key, value in vars(namespace).items() if key not in ("resume", "init_weights", "preset")}
+    if namespace.resume is None:
+        values = {}
+        if getattr(namespace, "preset", None):
+            values.update(load_preset(TrainOptions, namespace.preset))
+            values.setdefault("name", Path(str(namespace.preset)).stem)
+        values.update(given)
+        options = options_from_dict(TrainOptions, values, source="command line")
+        return options, namespace, None
+    if getattr(namespace, "preset", None) or namespace.init_weights is not None:
+        raise ValueError("--resume continues a run with the options in its checkpoint: "
+                         "--preset and --init_weights cannot be combined with it")
+    checkpoint = load_checkpoint(namespace.resume)
+    refused = sorted(set(given) - RESUMABLE_OVERRIDES)
+    if refused:
+        raise ValueError(f"--resume: {refused} cannot change in a resumed run (allowed: {sorted(RESUMABLE_OVERRIDES)})")
+    values = dict(checkpoint["options"])
+    values.update(given)
+    options = options_from_dict(TrainOptions, values, source=f"{namespace.resume} + command line")
+    return options, namespace, checkpoint
+
+
+def prepare_folds(options: TrainOptions, scans, data_root: Path) -> list[list[int]]:
+    if options.folds_file:
+        return read_folds(options.folds_file)
+    subjects = sorted({ref.subject for ref in scans})
+    return subject_folds(subjects, options.num_folds, options.split_seed)
+
+
+def make_scheduler(optimizer, options: TrainOptions, total_steps: int | None):
+    warmup = options.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if options.lr_schedule == "cosine" and total_steps:
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(model, options: TrainOptions):
+    if options.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reached; ``losses`` are this invocation's step losses."""
+
+    run_dir: Path
+    epoch: int
+    step: int
+    best: dict
+    losses: list[float]
+
+
+def main(argv=None) -> Path:
+    """Train; returns the run folder."""
+    return run(argv).run_dir
+
+
+def run(argv=None) -> TrainResult:
+    """Train with command-line style arguments (see ``get_args_parser``); DDP when torchrun launched us."""
+    distributed = init_distributed()
+    if distributed.enabled and not dist.is_initialized():
+        # nccl for GPUs; TUSREC_DDP_BACKEND=gloo forces gloo (e.g. CPU processes on a GPU machine).
+        backend = os.environ.get("TUSREC_DDP_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+    try:
+        return _run(argv, distributed)
+    finally:
+        if distributed.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(argv, distributed: Distributed) -> TrainResult:
+    options, namespace, checkpoint = resolve_options(argv)
+    setup_logging(None, distributed)
+    device = resolve_device(options.device, distributed)
+    torch.manual_seed(options.seed + distributed.rank)  # dropout differs per rank, data split does not
+
+    # ---- run folder (rank 0 creates it, the others learn its name) ----
+    if checkpoint is None:
+        run_dir = make_run_dir(options.out_dir, options.name or "train") if distributed.is_main else None
+        run_dir = Path(broadcast_object(str(run_dir) if run_dir else None, distributed))
+    else:
+        run_dir = Path(namespace.resume).resolve().parent
+    setup_logging(run_dir, distributed)
+    log.info("run folder: %s", run_dir)
+    log.info("device: %s, processes: %d", device, distributed.world_size)
+
+    # ---- data ----
+    data_root = resolve_data_root(options.data_path)
+    calibration = load_calibration(options.calib_file or data_root / CALIB_FILE)
+    source_scans = find_scans(data_root)
+    if not source_scans:
+        raise FileNotFoundError(f"no scans found under {data_root}")
+    folds = checkpoint.get("folds") if checkpoint is not None and "folds" in checkpoint else prepare_folds(options, source_scans, data_root)
+    train_sources = scans_of_folds(source_scans, folds, options.train_folds)
+    val_sources = scans_of_folds(source_scans, folds, options.val_folds)
+    if not train_sources:
+        raise ValueError(f"training folds {options.train_folds} hold no scans under {data_root}")
+    frame_sizes = set()
+    for ref in train_sources + val_sources:
+        with ScanFile(ref) as scan_file:
+            frame_sizes.add(scan_file.frame_size)
+    if len(frame_sizes) != 1:
+        raise ValueError(f"scans under {data_root} have different frame sizes {sorted(frame_sizes)}; "
+                         "one network input size is expected")
+    height, width = frame_sizes.pop()
+    if options.downsample > 1 and options.cache_dir:
+        if distributed.is_main:
+            train_scans = cache_downsampled_scans(train_sources, options.downsample, options.cache_dir, progress=True)
+            val_scans = cache_downsampled_scans(val_sources, options.downsample, options.cache_dir, progress=True)
+        if distributed.enabled:
+            dist.barrier()
+        if not distributed.is_main:  # the cache is complete now: these calls only look it up
+            train_scans = cache_downsampled_scans(train_sources, options.downsample, options.cache_dir)
+            val_scans = cache_downsampled_scans(val_sources, options.downsample, options.cache_dir)
+        read_factor = 1
+    else:
+        train_scans, val_scans, read_factor = train_sources, val_sources, options.downsample
+
+    if distributed.is_main and checkpoint is None:
+        write_options(options, run_dir / "options.yaml", header=f"Resolved options of {run_dir.name}; usable as a preset.")
+        scans_by_subject = {}
+        for ref in source_scans:
+            scans_by_subject.setdefault(ref.subject, []).append(ref.name)
+        write_folds(run_dir / "folds.json", folds, data_root, options.split_seed, scans_by_subject)
+    log.info("data: %s, %d training scans, %d validation scans, frames %dx%d%s", data_root, len(train_scans),
+             len(val_scans), height, width,
+             f" down-sampled x{options.downsample}" if options.downsample > 1 else "")
+
+    train_set = FrameWindowDataset(train_scans, options.num_samples, options.sample_range, downsample=read_factor,
+                                   reverse_prob=options.reverse_prob, max_stride=options.max_stride)
+    train_sampler = EpochSampler(len(train_set), options.samples_per_scan, seed=options.seed, shuffle=True,
+                                 rank=distributed.rank, world_size=distributed.world_size)
+    pin = device.type == "cuda"
+    # A private generator: DataLoader draws its workers' base seed from it, not from the global RNG,
+    # so the dropout RNG sequence does not depend on where an epoch's iterator was created (resume).
+    loader_args = dict(batch_size=options.minibatch_size, num_workers=options.num_workers, pin_memory=pin,
+                       persistent_workers=options.num_workers > 0, generator=torch.Generator())
+    train_loader = DataLoader(train_set, sampler=train_sampler, **loader_args)
+    val_loader = None
+    if val_scans:
+        val_set = FrameWindowDataset(val_scans, options.num_samples, options.sample_range, downsample=read_factor)
+        val_sampler = EpochSampler(len(val_set), options.val_samples_per_scan, seed=options.seed + 1, shuffle=False,
+                                   rank=distributed.rank, world_size=distributed.world_size)
+        val_sampler.set_epoch(0)  # fixed windows: every validation sees the same ones
+        val_loader = DataLoader(val_set, sampler=val_sampler, **loader_args)
+    else:
+        log.warning("no validation scans (folds %s): validation and best.pt are skipped", options.val_folds)
+
+    # ---- geometry, model, optimiser ----
+    scale = torch.from_numpy(np.array(calibration.scale))
+    geometry = PairGeometry(
+        pairs=tf.pair_samples(options.num_samples, options.num_pred).to(device),
+        pred_type=options.pred_type, label_type=options.label_type,
+        calib_R_T=torch.from_numpy(np.array(calibration.calib_R_T)).to(device),
+        image_points_mm=(scale @ tf.image_corners((height, width)).double()).to(device),
+    )
+    model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim())
+    model = models.build_from_args(model_args).to(device)
+    if namespace.init_weights is not None:
+        load_model_weights(model, namespace.init_weights, map_location=device)
+        log.info("initial weights: %s", namespace.init_weights)
+    optimizer = make_optimizer(model, options)
+    steps_per_epoch = math.ceil(len(train_sampler) / options.minibatch_size)
+    total_steps = options.max_steps or (steps_per_epoch * options.num_epochs if options.num_epochs < 10**7 else None)
+    scheduler = make_scheduler(optimizer, options, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and options.amp and options.amp_dtype == "float16")
+
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": {"val_dist": math.inf, "epoch": None, "step": None},
+             "last_losses": []}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        state.update(epoch=checkpoint["epoch"], batch_in_epoch=checkpoint["batch_in_epoch"], step=checkpoint["step"],
+                     best=dict(checkpoint["best"]))
+        if distributed.world_size == 1:
+            restore_rng_state(checkpoint["rng"], device)
+        log.info("resumed from %s at epoch %d, batch %d, step %d", namespace.resume, state["epoch"],
+                 state["batch_in_epoch"], state["step"])
+    train_model = model
+    if distributed.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log.info("model: %s (%s), %.2f M parameters, %d pairs per window, pred %s, label %s",
+             options.model_name, model_args, sum(p.numel() for p in model.parameters()) / 1e6, geometry.num_pairs,
+             options.pred_type, options.label_type)
+
+    def save(name: str) -> None:
+        if not distributed.is_main:
+            return
+        save_checkpoint(run_dir / name, {
+            "format_version": 1, "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
+            "batch_in_epoch": state["batch_in_epoch"], "step": state["step"], "best": dict(state["best"]),
+            "options": options_to_dict(options), "model_args": model_args, "rng": rng_state(device),
+            "folds": [list(map(int, fold)) for fold in folds],
+        })
+
+    state["save"] = save
+    tb_writer = None
+    if distributed.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
+
+        tb_writer = SummaryWriter(str(run_dir / "tb"))
+
+    def validate(epoch: int, row: dict) -> None:
+        if val_loader is None or epoch % options.val_fre:
+            return
+        row.update(evaluate(train_model, val_loader, geometry, device, options, distributed))
+        if options.val_scan_every and epoch % options.val_scan_every == 0:
+            if distributed.is_main:
+                row.update(evaluate_scans(model, val_scans, val_sources, read_factor, calibration, geometry, device,
+                                              options))
+            if distributed.enabled:
+                dist.barrier()
+        if distributed.is_main and row["val_dist"] < state["best"]["val_dist"]:
+            state["best"] = {"val_dist": row["val_dist"], "epoch": epoch, "step": state["step"]}
+            save("best.pt")
+
+    def record(row: dict) -> None:
+        if not distributed.is_main:
+            return
+        append_metrics_row(run_dir / "metrics.csv", row)
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
+                tb_writer.add_scalar(key, value, row["epoch"])
+        tb_writer.flush()
+        plot_curves(run_dir)
+        parts = [f"{key} {row[key]:.4g}" for key in ("train_loss", "train_dist", "val_loss", "val_dist", "val_GPE", "val_LPE")
+                 if isinstance(row.get(key), float) and math.isfinite(row[key])]
+        if row["epoch"] % options.freq_info == 0 or row["epoch"] == options.num_epochs:
+            log.info("[epoch %d, step %d] %s", row["epoch"], row["step"], ", ".join(parts))
+
+    try:
+        # Epoch 0 is the untrained network: the first point of the validation curve.
+        if checkpoint is None:
+            row = {"epoch": 0, "step": 0, "lr": optimizer.param_groups[0]["lr"]}
+            validate(0, row)
+            record(row)
+        while state["epoch"] < options.num_epochs:
+            if options.max_steps is not None and state["step"] >= options.max_steps:
+                break
+            epoch = state["epoch"]
+            train_sampler.set_epoch(epoch)
+            train_sampler.set_start(state["batch_in_epoch"] * options.minibatch_size)
+            stats = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, geometry, device, options,
+                                    state, distributed, description=f"epoch {epoch + 1}")
+            if state["batch_in_epoch"] < steps_per_epoch:  # stopped inside the epoch (max_steps)
+                break
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            row = {"epoch": state["epoch"], "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
+                   "train_loss": stats["train_loss"], "train_dist": stats["train_dist"], "epoch_s": stats["epoch_s"],
+                   "samples_per_s": stats["samples"] / stats["epoch_s"] if stats["epoch_s"] > 0 else math.nan,
+                   "data_wait_fraction": stats["data_wait_fraction"]}
+            validate(state["epoch"], row)
+            record(row)
+            if state["epoch"] % options.freq_save == 0:
+                save("last.pt")
+        save("last.pt")
+    finally:
+        if tb_writer is not None:
+            tb_writer.close()
+    best = state["best"]
+    log.info("finished at epoch %d, step %d; best validation point distance %s (epoch %s); checkpoints in %s",
+             state["epoch"], state["step"], f"{best['val_dist']:.3f} mm" if math.isfinite(best["val_dist"]) else "n/a",
+             best["epoch"], run_dir)
+    return TrainResult(run_dir, state["epoch"], state["step"], dict(state["best"]), list(state["last_losses"]))
+
+
+if __name__ == "__main__":
+    main()
