@@ -462,6 +462,19 @@ def prepare_folds(options: TrainOptions, scans, data_root: Path) -> list[list[in
     return subject_folds(subjects, options.num_folds, options.split_seed)
 
 
+def init_output_at_identity(model: torch.nn.Module, geometry: PairGeometry) -> None:
+    """Zero the output layer's weights and set its bias to "no motion" (``tf.identity_prediction``).
+
+    With torchvision's initialisation the untrained head outputs rotations of ~0.3 rad (corners move
+    by centimetres), and the first epochs of a short run are spent unlearning them. A zero-initialised
+    last layer (as DiT does) starts from the identity; its weights get gradients from the first step.
+    """
+    head = models.output_layer(model)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(tf.identity_prediction(geometry.pred_type, geometry.num_pairs, geometry.image_points_mm))
+
+
 def make_scheduler(optimizer, options: TrainOptions, total_steps: int | None):
     warmup = options.warmup_steps
 
@@ -619,6 +632,8 @@ def _run(argv, distributed: Distributed) -> TrainResult:
     if namespace.init_weights is not None:
         load_model_weights(model, namespace.init_weights, map_location=device)
         log.info("initial weights: %s", namespace.init_weights)
+    elif options.identity_init and checkpoint is None:
+        init_output_at_identity(model, geometry)
     optimizer = make_optimizer(model, options)
     steps_per_epoch = math.ceil(len(train_sampler) / options.minibatch_size)
     total_steps = options.max_steps or (steps_per_epoch * options.num_epochs if options.num_epochs < 10**7 else None)

@@ -31,7 +31,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import h5py  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -53,12 +52,7 @@ class PerItemOpenDataset(Dataset):
 
     def __getitem__(self, key):
         scan_index, draw_seed = key
-        indices = self.ours.window_indices(scan_index, draw_seed) if hasattr(self.ours, "window_indices") else None
-        if indices is None:
-            rng = np.random.default_rng(draw_seed)
-            length = self.ours.scan_lengths[scan_index]
-            start = int(rng.integers(0, length - 1))
-            indices = [start, start + 1]
+        indices = self.ours.window_indices(scan_index, draw_seed)
         handle = h5py.File(self.scans[scan_index].frames_path, "r")  # as the baseline: opened per item
         index = sorted(int(i) for i in indices)
         return torch.from_numpy(handle["frames"][index]), torch.from_numpy(handle["tforms"][index]), scan_index

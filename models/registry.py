@@ -92,3 +92,11 @@ for _module in _BUILTIN_MODULES:
 
 # Snapshot of the built-in names for argparse choices; available_models() also sees later registrations.
 MODEL_NAMES: tuple[str, ...] = available_models()
+
+
+def output_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The layer that produces the prediction: by the registry's contract, the model's last ``nn.Linear``."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output layer")
+    return layers[-1]

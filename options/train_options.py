@@ -73,6 +73,12 @@ class TrainOptions:
     )
     warmup_steps: int = option(0, "optimiser steps of linear learning-rate warm-up; 0 = none")
     grad_clip: float = option(0.0, "clip the gradient norm to this value; 0 = off")
+    identity_init: bool = option(
+        False,
+        "start the output layer at zero weights with the bias of 'no motion', so the untrained network "
+        "predicts identity instead of random motions of ~0.3 rad (off in the baseline, which keeps "
+        "torchvision's initialisation)",
+    )
     max_steps: int | None = option(None, "stop after this many optimiser steps in total; none = no limit")
     seed: int = option(0, "random seed (each distributed rank adds its rank)")
 

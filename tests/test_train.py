@@ -76,6 +76,16 @@ def test_a_few_steps_for_every_allowed_output_and_label_type(tiny_data, tmp_path
     assert checkpoint["model_args"] == {"name": "efficientnet_b1", "in_frames": 2, "pred_dim": expected_dim}
 
 
+@pytest.mark.parametrize("pred_type", ["quaternion", "point"])
+def test_identity_init_starts_from_the_identity_prediction(tiny_data, tmp_path, pred_type):
+    result = train.run(base_args(tiny_data, tmp_path, "--identity_init", "true", "--PRED_TYPE", pred_type,
+                                 "--max_steps", "1"))
+    untrained = read_metrics(result.run_dir)[0]
+    # the identity errors come from utils.metrics on identity transforms, independently of the network
+    assert float(untrained["val_GPE"]) == pytest.approx(float(untrained["val_GPE_identity"]), rel=1e-5)
+    assert float(untrained["val_LPE"]) == pytest.approx(float(untrained["val_LPE_identity"]), rel=1e-5)
+
+
 def test_run_folder_holds_resolved_options_folds_logs_curves_and_checkpoints(tiny_data, tmp_path):
     first = train.run(base_args(tiny_data, tmp_path, "--name", "files"))
     second = train.run(base_args(tiny_data, tmp_path, "--name", "files"))

@@ -248,3 +248,12 @@ def test_points_to_matrix_is_a_proper_rotation_for_noisy_points():
     rotation = fitted[:, :3, :3]
     assert_close(rotation.transpose(-1, -2) @ rotation, torch.eye(3, dtype=torch.float64).expand(16, 3, 3))
     assert_close(torch.linalg.det(rotation), torch.ones(16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("pred_type,label_type", [(p, l) for p, ls in tf.ALLOWED_PRED_LABEL.items() for l in ls])
+def test_identity_prediction_means_no_motion(pred_type, label_type):
+    corners_mm = as_t(ref.REAL_SCALE) @ tf.image_corners((480, 640)).double()
+    outputs = tf.identity_prediction(pred_type, 3, corners_mm)[None]
+    label = tf.prediction_to_label(outputs.double(), pred_type, label_type, 3, corners_mm)
+    expected = tf.matrix_to_label(torch.eye(4, dtype=torch.float64).expand(1, 3, 4, 4), label_type, corners_mm)
+    assert_close(label, expected, atol=1e-5, rtol=0)

@@ -339,6 +339,29 @@ def prediction_to_matrix(prediction: torch.Tensor, pred_type: str) -> torch.Tens
     raise ValueError(f"PRED_TYPE={pred_type!r} is not one of {list(PRED_TYPES)}")
 
 
+def identity_prediction(pred_type: str, num_pairs: int, image_points_mm: torch.Tensor | None = None) -> torch.Tensor:
+    """Network outputs [num_pairs * D] that mean "no motion" for every pair, float32.
+
+    ``parameter`` zeros; ``transform`` the top rows of the identity; ``quaternion`` ``(1, 0, 0, 0)``
+    and zero translation; ``point`` the reference points themselves (``image_points_mm`` [4, P],
+    required for that type). A network whose last layer starts at zero weights and this bias starts
+    from the identity, the prediction that scores 0 (see ``train.py``'s ``identity_init``).
+    """
+    if pred_type == "parameter":
+        one = torch.zeros(6)
+    elif pred_type == "transform":
+        one = torch.eye(4)[:3].reshape(12)
+    elif pred_type == "quaternion":
+        one = torch.tensor([1.0, 0, 0, 0, 0, 0, 0])
+    elif pred_type == "point":
+        if image_points_mm is None:
+            raise ValueError("PRED_TYPE='point' needs image_points_mm for its identity prediction")
+        one = image_points_mm[:3].float().reshape(-1).cpu()
+    else:
+        raise ValueError(f"PRED_TYPE={pred_type!r} is not one of {list(PRED_TYPES)}")
+    return one.float().repeat(int(num_pairs))
+
+
 def prediction_to_label(
     outputs: torch.Tensor,
     pred_type: str,
