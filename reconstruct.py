@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transforms", type=Path, default=None,
                         help="predicted global transforms: .npy/.h5 file (one scan) or a folder of <key>.npy/.h5")
     parser.add_argument("--drift", action="store_true",
-                        help="also reconstruct a simulated drifting prediction (demo.drifting_prediction)")
+                        help="also reconstruct a simulated drifting prediction (simulation.drift.drifting_prediction)")
     parser.add_argument("--drift-bias", type=float, default=0.9, help="predicted motion = bias x true motion + noise")
     parser.add_argument("--drift-noise-mm", type=float, default=0.03, help="per-frame translation noise (mm)")
     parser.add_argument("--drift-noise-rad", type=float, default=0.002, help="per-frame rotation noise (rad)")
@@ -223,7 +223,7 @@ def reconstruct_one(ref, root: Path, calibration, args, run_dir: Path) -> list[d
             sources["pred"] = rec.read_transforms_file(path, num, calibration.calib_R_T)
             log.info("%s: predicted transforms from %s", ref.key, path)
         if args.drift:
-            from demo import drifting_prediction
+            from simulation.drift import drifting_prediction
 
             rng = np.random.default_rng([args.seed, ref.subject, sum(map(ord, ref.name))])
             local = drifting_prediction(tf.local_transforms(tforms, calib), rng, args.drift_bias,

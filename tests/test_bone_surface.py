@@ -92,7 +92,7 @@ def test_bone_distance_with_true_poses_is_small_and_grows_with_pose_errors(simul
     bone (scatterers fill the cortex's first millimetre, its upper half brightest; -0.46 mm on average on
     480x640 frames), plus up to a pixel (0.44 mm) of quantisation and the column-versus-beam offset:
     mean ~0.5-0.6 mm, 95th percentile ~0.7 mm. We allow 1.0 mm (about two pixels) and 1.5 mm."""
-    from demo import drifting_prediction
+    from simulation.drift import drifting_prediction
     from utils import transform as tf
     from utils.calibration import load_calibration
     from utils.challenge_data import find_scans, read_scan
