@@ -26,6 +26,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_ddf.py
 	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_simulate.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_reconstruct.py
 
 clean-venv:
 	rm -rf $(VENV)

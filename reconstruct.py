@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "several (default: every scan)")
     parser.add_argument("--transforms", type=Path, default=None,
                         help="predicted global transforms: .npy/.h5 file (one scan) or a folder of <key>.npy/.h5")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="predict the transforms with this training checkpoint (utils.evaluation.predict_transforms)")
     parser.add_argument("--drift", action="store_true",
                         help="also reconstruct a simulated drifting prediction (simulation.drift.drifting_prediction)")
     parser.add_argument("--drift-bias", type=float, default=0.9, help="predicted motion = bias x true motion + noise")
@@ -218,6 +220,14 @@ def reconstruct_one(ref, root: Path, calibration, args, run_dir: Path) -> list[d
         tforms = torch.from_numpy(scan_file.read_tforms().astype(np.float64))
         calib = torch.from_numpy(np.array(calibration.calib_R_T))
         sources = {"true": rec.frames_to_reference(tf.global_transforms(tforms, calib), num)}
+        if args.predictor is not None:
+            from utils.evaluation import predict_transforms
+
+            model, settings = args.predictor
+            global_pred, _, seconds = predict_transforms(model, scan_file.read_frames(), settings, calibration.scale,
+                                                         args.device)
+            sources["pred"] = rec.frames_to_reference(global_pred, num)
+            log.info("%s: transforms predicted by %s in %.1f s", ref.key, args.ckpt, seconds)
         if args.transforms is not None:
             path = _transforms_path(args.transforms, ref)
             sources["pred"] = rec.read_transforms_file(path, num, calibration.calib_R_T)
@@ -346,6 +356,16 @@ def main(argv=None) -> Path:
         if len(refs) != 1:
             parser.error(f"--transforms {args.transforms} is one file but {len(refs)} scans are selected: "
                          "pass one --scan, or a folder of <key>.npy / <key>.h5")
+    if args.ckpt is not None and args.transforms is not None:
+        parser.error("--ckpt and --transforms both give the predicted transforms: choose one")
+    args.predictor = None
+    if args.ckpt is not None:
+        from utils.checkpoint import load_checkpoint, model_from_checkpoint
+        from utils.evaluation import PredictionSettings
+
+        checkpoint = load_checkpoint(args.ckpt)  # once, for every scan
+        args.predictor = (model_from_checkpoint(checkpoint, args.device),
+                          PredictionSettings.from_options(checkpoint["options"]))
     run_dir = make_run_dir(args.out, args.name)
     handler = _setup_logging(run_dir)
     try:
@@ -354,7 +374,8 @@ def main(argv=None) -> Path:
         for ref in refs:
             rows += reconstruct_one(ref, args.data, calibration, args, run_dir)
         _write_csv(rows, run_dir / "summary.csv")
-        record = {"arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        record = {"arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                if k != "predictor"},
                   "rows": rows, "peak_rss_mb": _peak_rss_mb()}
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2, default=float))
