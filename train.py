@@ -49,7 +49,7 @@ from utils import metrics
 from utils import transform as tf
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, find_scans
-from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint, unwrap_model
+from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state, unwrap_model
 from utils.plotting import plot_training_curves
 from utils.prediction import predict_scan_transforms
 from utils.run_dir import make_run_dir
@@ -455,7 +455,8 @@ def resolve_options(argv) -> tuple[TrainOptions, argparse.Namespace, dict | None
     return options, namespace, checkpoint
 
 
-def prepare_folds(options: TrainOptions, scans, data_root: Path) -> list[list[int]]:
+def prepare_folds(options: TrainOptions, scans) -> list[list[int]]:
+    """Subject ids per fold: from ``folds_file``, or the baseline's seeded split of the scans' subjects."""
     if options.folds_file:
         return read_folds(options.folds_file)
     subjects = sorted({ref.subject for ref in scans})
@@ -493,17 +494,6 @@ def make_optimizer(model, options: TrainOptions):
     if options.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
-
-
-def rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-
-
-def restore_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,7 +553,7 @@ def _run(argv, distributed: Distributed) -> TrainResult:
     source_scans = find_scans(data_root)
     if not source_scans:
         raise FileNotFoundError(f"no scans found under {data_root}")
-    folds = checkpoint.get("folds") if checkpoint is not None and "folds" in checkpoint else prepare_folds(options, source_scans, data_root)
+    folds = checkpoint.get("folds") if checkpoint is not None and "folds" in checkpoint else prepare_folds(options, source_scans)
     train_sources = scans_of_folds(source_scans, folds, options.train_folds)
     val_sources = scans_of_folds(source_scans, folds, options.val_folds)
     if not train_sources:
@@ -651,7 +641,9 @@ def _run(argv, distributed: Distributed) -> TrainResult:
         state.update(epoch=checkpoint["epoch"], batch_in_epoch=checkpoint["batch_in_epoch"], step=checkpoint["step"],
                      best=dict(checkpoint["best"]))
         if distributed.world_size == 1:
-            restore_rng_state(checkpoint["rng"], device)
+            set_rng_state(checkpoint["rng"])
+        # else: the checkpoint holds rank 0's generators only; every rank keeps its seed + rank stream,
+        # so a resumed DDP run continues with the same data but different dropout draws.
         log.info("resumed from %s at epoch %d, batch %d, step %d", namespace.resume, state["epoch"],
                  state["batch_in_epoch"], state["step"])
     train_model = model
@@ -669,7 +661,7 @@ def _run(argv, distributed: Distributed) -> TrainResult:
             "format_version": 1, "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
             "batch_in_epoch": state["batch_in_epoch"], "step": state["step"], "best": dict(state["best"]),
-            "options": options_to_dict(options), "model_args": model_args, "rng": rng_state(device),
+            "options": options_to_dict(options), "model_args": model_args, "rng": rng_state(),
             "folds": [list(map(int, fold)) for fold in folds],
         })
 

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from torch.testing import assert_close
 
 import train
 from options.core import load_preset
@@ -22,7 +20,6 @@ from options.train_options import TrainOptions
 from simulation.dataset import generate_dataset
 from utils import transform as tf
 from utils.checkpoint import load_checkpoint
-from utils.training_data import EpochSampler, FrameWindowDataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
