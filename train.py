@@ -198,16 +198,28 @@ def all_reduce_sums(values: list[float], device: torch.device, distributed: Dist
 # --------------------------------------------------------------------------------------------
 
 
-def setup_logging(run_dir: Path | None, distributed: Distributed) -> None:
-    """Rank 0 logs to stdout and ``run_dir/log.txt``; other ranks only warnings."""
+def remove_logging() -> None:
+    """Take this module's handlers off the root logger (a caller such as demo.py keeps its own)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_train_handler", False):
             root.removeHandler(handler)
             handler.close()
+
+
+def setup_logging(run_dir: Path | None, distributed: Distributed) -> None:
+    """Rank 0 logs to stdout and ``run_dir/log.txt``; other ranks only warnings.
+
+    When the caller already logs to the console (``demo.py``), only the file handler is added, so
+    lines are not printed twice.
+    """
+    remove_logging()
+    root = logging.getLogger()
     root.setLevel(logging.INFO if distributed.is_main else logging.WARNING)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
+    console_taken = any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                        for h in root.handlers)
+    handlers = [] if console_taken else [logging.StreamHandler(sys.stdout)]
     if run_dir is not None and distributed.is_main:
         handlers.append(logging.FileHandler(run_dir / "log.txt", mode="a"))
     for handler in handlers:
@@ -268,10 +280,13 @@ def plot_curves(run_dir: Path) -> None:
     table = pd.read_csv(run_dir / "metrics.csv")
     if table.empty:
         return
-    series = {name.replace("_", " "): table[name] for name in ("train_dist", "val_dist", "val_GPE", "val_LPE")
-              if name in table and table[name].notna().any()}
-    plot_training_curves(table["epoch"], series, run_dir / "curves.png", title=run_dir.name,
-                         ylabel="mm (point distance; GPE/LPE on whole validation scans)")
+    def curves(*names):
+        return {name.replace("_", " "): table[name] for name in names if name in table and table[name].notna().any()}
+
+    panels = {"point distance of the reference points": curves("train_dist", "val_dist"),
+              "whole validation scans": curves("val_GPE", "val_GPE_identity", "val_LPE", "val_LPE_identity")}
+    plot_training_curves(table["epoch"], {k: v for k, v in panels.items() if v}, run_dir / "curves.png",
+                         title=f"{run_dir.name} (epoch 0: the untrained network)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,6 +542,7 @@ def run(argv=None) -> TrainResult:
     try:
         return _run(argv, distributed)
     finally:
+        remove_logging()
         if distributed.enabled and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -54,25 +54,30 @@ def plot_drift(frame_errors, path, title: str = "", ylabel: str = "mean pixel er
     _save(fig, path)
 
 
-def plot_training_curves(epochs, series: dict, path, title: str = "", ylabel: str = "point distance (mm)") -> None:
-    """Curves against epoch, one per entry of ``series`` (name -> values; NaN points are skipped).
+def plot_training_curves(epochs, panels: dict, path, title: str = "") -> None:
+    """Curves against epoch, one panel per entry of ``panels``: ``{panel title: {curve name: values}}``.
 
-    Used for a run's ``curves.png``: training and validation point distance, and the whole-scan
-    validation GPE/LPE where they were computed.
+    NaN points are skipped (e.g. whole-scan figures computed every few epochs); a curve whose name
+    ends in ``identity`` is drawn dashed, as the reference a method must beat. Used for a run's
+    ``curves.png`` (point distances in one panel, whole-scan GPE/LPE in another: their scales differ
+    by an order of magnitude).
     """
     epochs = np.asarray(epochs, dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, values in series.items():
-        values = np.asarray(values, dtype=float)
-        keep = np.isfinite(values)
-        if keep.any():
-            ax.plot(epochs[keep], values[keep], marker="o", ms=3, lw=1.2, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (panel_title, series) in zip(axes[0], panels.items()):
+        for name, values in series.items():
+            values = np.asarray(values, dtype=float)
+            keep = np.isfinite(values)
+            if keep.any():
+                style = dict(ls="--", lw=1.0) if name.endswith("identity") else dict(marker="o", ms=3, lw=1.2)
+                ax.plot(epochs[keep], values[keep], label=name, **style)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mm")
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
     _save(fig, path)
 
 
