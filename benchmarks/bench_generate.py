@@ -87,7 +87,7 @@ class OfficialPrediction:
         pred_dim = type_dim(pred_type, 4, self.data_pairs.shape[0])
         # build_model(parameters, in_frames=NUM_SAMPLES, pred_dim) then load_state_dict(torch.load(...)).
         self.model = models.build_model(MODEL, num_samples, pred_dim).to(device)
-        self.model.load_state_dict(torch.load(weights_path, map_location=torch.device(device)))
+        self.model.load_state_dict(torch.load(weights_path, map_location=torch.device(device), weights_only=True))
         self.model.train(False)
 
     def _transforms(self, outputs):
