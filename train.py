@@ -45,14 +45,12 @@ from tqdm import tqdm
 import models
 from options.core import build_parser, load_preset, options_from_dict, options_to_dict, write_options
 from options.train_options import TrainOptions
-from utils import metrics
 from utils import transform as tf
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, find_scans
 from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state, unwrap_model
-from utils.evaluation import configure_cpu_inference
+from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan
 from utils.plotting import plot_training_curves
-from utils.prediction import predict_scan_transforms
 from utils.run_dir import make_run_dir
 from utils.training_data import (
     EpochSampler,
@@ -399,34 +397,20 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
 
 
 @torch.no_grad()
-def evaluate_scans(model, scans, source_scans, read_factor: int, calibration, geometry: PairGeometry,
-                   device: torch.device, options: TrainOptions) -> dict:
+def evaluate_scans(model, scans, source_scans, read_factor: int, calibration, device: torch.device,
+                   options: TrainOptions) -> dict:
     """Official GPE/LPE (and their identity values) of whole scans, averaged over scans.
 
     ``scans`` are what the network reads (the originals, down-sampled by ``read_factor`` on reading,
     or a cache already down-sampled, ``read_factor`` 1); ``source_scans`` the original files, whose
-    frame size and poses define the metrics.
+    frame size and poses define the metrics. The same flow as ``generate_DDF.py``.
     """
-    model.eval()
-    scale = torch.from_numpy(np.array(calibration.scale))
-    calib_r_t = torch.from_numpy(np.array(calibration.calib_R_T))
-    amp_dtype = getattr(torch, options.amp_dtype) if device.type == "cuda" and options.amp else None
+    settings = PredictionSettings.from_options(options)
     rows = []
     for ref, source in zip(scans, source_scans):
-        with ScanFile(source) as scan_file:
-            tforms = torch.from_numpy(scan_file.read_tforms()).double()
-            height, width = scan_file.frame_size
-        frames = read_scan_frames(ref, read_factor)
-        global_pred, local_pred = predict_scan_transforms(
-            model, frames, num_samples=options.num_samples, num_pred=options.num_pred, pred_type=options.pred_type,
-            image_points_mm=geometry.image_points_mm.cpu(), device=device, batch_size=options.inference_batch_size,
-            amp_dtype=amp_dtype)
-        global_true = tf.global_transforms(tforms, calib_r_t)
-        local_true = tf.local_transforms(tforms, calib_r_t)
-        errors = metrics.scan_errors_from_transforms(global_true, global_pred, local_true, local_pred, scale,
-                                                     None, height, width)
-        identity = metrics.identity_errors_from_transforms(global_true, local_true, scale, None, height, width)
-        rows.append((errors["GPE"], errors["LPE"], identity["GPE"], identity["LPE"]))
+        result = evaluate_scan(model, settings, source, calibration, device, frames=read_scan_frames(ref, read_factor))
+        rows.append((result.errors["GPE"], result.errors["LPE"], result.identity_errors["GPE"],
+                     result.identity_errors["LPE"]))
     means = np.mean(np.array(rows), axis=0) if rows else [math.nan] * 4
     return dict(zip(("val_GPE", "val_LPE", "val_GPE_identity", "val_LPE_identity"), map(float, means)))
 
@@ -699,8 +683,7 @@ def _run(argv, distributed: Distributed) -> TrainResult:
         row.update(evaluate(train_model, val_loader, geometry, device, options, distributed))
         if options.val_scan_every and epoch % options.val_scan_every == 0:
             if distributed.is_main:
-                row.update(evaluate_scans(model, val_scans, val_sources, read_factor, calibration, geometry, device,
-                                              options))
+                row.update(evaluate_scans(model, val_scans, val_sources, read_factor, calibration, device, options))
             if distributed.enabled:
                 dist.barrier()
         if distributed.is_main and row["val_dist"] < state["best"]["val_dist"]:
