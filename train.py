@@ -49,7 +49,7 @@ from utils import transform as tf
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, find_scans
 from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state, unwrap_model
-from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan
+from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan, image_points_mm
 from utils.plotting import plot_training_curves
 from utils.run_dir import make_run_dir
 from utils.training_data import (
@@ -615,12 +615,11 @@ def _run(argv, distributed: Distributed) -> TrainResult:
         log.warning("no validation scans (folds %s): validation and best.pt are skipped", options.val_folds)
 
     # ---- geometry, model, optimiser ----
-    scale = torch.from_numpy(np.array(calibration.scale))
     geometry = PairGeometry(
         pairs=tf.pair_samples(options.num_samples, options.num_pred).to(device),
         pred_type=options.pred_type, label_type=options.label_type,
         calib_R_T=torch.from_numpy(np.array(calibration.calib_R_T)).to(device),
-        image_points_mm=(scale @ tf.image_corners((height, width)).double()).to(device),
+        image_points_mm=image_points_mm(calibration.scale, height, width).to(device),
     )
     model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim())
     model = models.build_from_args(model_args).to(device)
