@@ -111,8 +111,8 @@ def main(argv=None) -> None:
         rows = []
         cases = [
             ("480x640", ["--MINIBATCH_SIZE", str(args.full_batch), "--samples_per_scan", str(args.full_samples)]),
-            ("120x160 (x4)", ["--downsample", "4", "--MINIBATCH_SIZE", "32", "--samples_per_scan", "64"]),
-            ("120x160 (x4, cache)", ["--downsample", "4", "--MINIBATCH_SIZE", "32", "--samples_per_scan", "64",
+            ("120x160 (x4)", ["--downsample", "4", "--MINIBATCH_SIZE", "32", "--samples_per_scan", "128"]),
+            ("120x160 (x4, cache)", ["--downsample", "4", "--MINIBATCH_SIZE", "32", "--samples_per_scan", "128",
                                      "--cache_dir", str(tmp / "cache")]),
         ]
         for label, extra in cases:
