@@ -75,9 +75,16 @@ RESUMABLE_OVERRIDES = frozenset({
     "landmark_path", "cache_dir", "inference_batch_size", "amp",
 })
 
+# Per-DOF validation errors (mean absolute error of each pair's rotation angles in degrees and
+# translations in mm, ``tf.DOF_NAMES``) next to no motion's (the mean absolute true value): which
+# motion a model has learned and which not. ``val_oop_sign_acc``: how often the predicted
+# out-of-plane displacement of the image centre has the true direction (NaN: none predicted).
+DOF_COLUMNS = tuple(f"val_{dof}" for dof in tf.DOF_NAMES) + tuple(f"val_{dof}_identity" for dof in tf.DOF_NAMES)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_dist", "val_loss", "val_dist",
-                  "val_GPE", "val_LPE", "val_GPE_identity", "val_LPE_identity", "epoch_s", "samples_per_s",
-                  "data_wait_fraction")
+                  "val_GPE", "val_LPE", "val_GPE_identity", "val_LPE_identity") + DOF_COLUMNS + (
+                  "val_oop_sign_acc", "epoch_s", "samples_per_s", "data_wait_fraction")
+# Out-of-plane displacements of the image centre below this (mm) have no direction worth scoring.
+SIGN_MIN_MM = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +103,8 @@ class PairGeometry:
         image_points_mm: [4, P] float64 reference points (the image corners of the ORIGINAL frame
             size) in image mm; labels stay in this frame even when the network sees down-sampled
             frames, so predictions mean the same thing at any input resolution.
+        loss_weights: [D] float32 weight of each value of a ``parameter`` label in the MSE
+            (``label_loss_weights``), None for the baseline's plain MSE.
     """
 
     pairs: torch.Tensor
@@ -103,6 +112,7 @@ class PairGeometry:
     label_type: str
     calib_R_T: torch.Tensor
     image_points_mm: torch.Tensor
+    loss_weights: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -130,6 +140,32 @@ class PairGeometry:
         if self.label_type == "parameter":
             return tf.transform_points(tf.params_to_matrix(values), points_mm)
         return tf.transform_points(values, points_mm)
+
+    def loss(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss: the baseline's MSE, or the per-DOF weighted MSE of ``loss_weights``."""
+        if self.loss_weights is None:
+            return torch.nn.functional.mse_loss(predictions, labels)
+        return (((predictions - labels) ** 2) * self.loss_weights).mean()
+
+    def dof_errors(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Per-DOF sums over the batch's pairs, for ``evaluate``: absolute errors and absolute true
+        values (no motion's errors) of ``tf.dof_values`` (degrees, mm), the number of pairs, and the
+        out-of-plane direction of the image centre (right, predicted, scorable pairs)."""
+        points = self.image_points_mm.to(torch.float64)
+        predicted = tf.label_to_matrix(predictions.double(), self.label_type, points)
+        true = tf.label_to_matrix(labels.double(), self.label_type, points)
+        pred_dofs, true_dofs = tf.dof_values(predicted), tf.dof_values(true)
+        centre = points.mean(dim=1, keepdim=True)  # the image centre, homogeneous [4, 1]
+        pred_z = tf.transform_points(predicted, centre)[..., 2, 0]
+        true_z = tf.transform_points(true, centre)[..., 2, 0]
+        scorable = (true_z.abs() > SIGN_MIN_MM) & (pred_z != 0)
+        return {
+            "abs_error": (pred_dofs - true_dofs).abs().reshape(-1, 6).sum(dim=0),
+            "abs_true": true_dofs.abs().reshape(-1, 6).sum(dim=0),
+            "pairs": float(true_dofs.reshape(-1, 6).shape[0]),
+            "sign_right": float(((pred_z * true_z > 0) & scorable).sum()),
+            "sign_scored": float(scorable.sum()),
+        }
 
     def point_distance(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean distance (mm) between predicted and true reference points, over batch, pairs and points."""
@@ -284,8 +320,13 @@ def plot_curves(run_dir: Path) -> None:
 
     panels = {"point distance of the reference points": curves("train_dist", "val_dist"),
               "whole validation scans": curves("val_GPE", "val_GPE_identity", "val_LPE", "val_LPE_identity")}
+    # Each DOF's validation error over no motion's: below 1 the model has learned that motion.
+    ratio_title = "validation error / no motion's, per DOF"
+    panels[ratio_title] = {dof: table[f"val_{dof}"] / table[f"val_{dof}_identity"] for dof in tf.DOF_NAMES
+                           if f"val_{dof}" in table and table[f"val_{dof}"].notna().any()}
     plot_training_curves(table["epoch"], {k: v for k, v in panels.items() if v}, run_dir / "curves.png",
-                         title=f"{run_dir.name} (epoch 0: the untrained network)")
+                         title=f"{run_dir.name} (epoch 0: the untrained network)",
+                         ylabels={ratio_title: "ratio (1 = no motion)"}, references={ratio_title: 1.0})
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +371,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
         with autocast_context(device, options):
             outputs = model(frames)
         predictions = geometry.predictions(outputs)
-        loss = torch.nn.functional.mse_loss(predictions, labels)
+        loss = geometry.loss(predictions, labels)
         # One scalar per step is a CPU-GPU sync point; the baseline pays it too (loss.item()), and it
         # lets a diverging run stop at the step that diverged instead of after saving NaN weights.
         loss_value = loss.item()
@@ -376,9 +417,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
 @torch.no_grad()
 def evaluate(model, loader, geometry: PairGeometry, device: torch.device, options: TrainOptions,
              distributed: Distributed) -> dict:
-    """Validation loss and point distance on fixed windows (the same every time), averaged per window."""
+    """Validation loss, point distance and per-DOF errors on fixed windows (the same every time).
+
+    The loss and point distance are averaged per window; the per-DOF errors (``DOF_COLUMNS``) per
+    pair, with the out-of-plane sign accuracy (``val_oop_sign_acc``).
+    """
     model.eval()
     loss_sum = dist_sum = count = 0.0
+    dof_sums = torch.zeros(15, dtype=torch.float64)  # abs error [6], abs true [6], pairs, sign right, scored
     for frames, tforms, _ in loader:
         frames = frames.to(device, non_blocking=True).float().div_(255)
         labels = geometry.labels(tforms.to(device))
@@ -386,14 +432,27 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
             outputs = model(frames)
         predictions = geometry.predictions(outputs)
         batch = frames.shape[0]
-        per_window_loss = ((predictions - labels) ** 2).reshape(batch, -1).mean(dim=1)
+        if geometry.loss_weights is None:
+            per_window_loss = ((predictions - labels) ** 2).reshape(batch, -1).mean(dim=1)
+        else:
+            per_window_loss = (((predictions - labels) ** 2) * geometry.loss_weights).reshape(batch, -1).mean(dim=1)
+        dofs = geometry.dof_errors(predictions, labels)
+        dof_sums += torch.cat([dofs["abs_error"].cpu(), dofs["abs_true"].cpu(),
+                               torch.tensor([dofs["pairs"], dofs["sign_right"], dofs["sign_scored"]], dtype=torch.float64)])
         per_window_dist = torch.linalg.vector_norm(
             geometry.points(predictions) - geometry.points(labels), dim=-2).reshape(batch, -1).mean(dim=1)
         loss_sum += float(per_window_loss.sum())
         dist_sum += float(per_window_dist.sum())
         count += batch
-    loss_sum, dist_sum, count = all_reduce_sums([loss_sum, dist_sum, count], device, distributed)
-    return {"val_loss": loss_sum / count if count else math.nan, "val_dist": dist_sum / count if count else math.nan}
+    totals = all_reduce_sums([loss_sum, dist_sum, count] + dof_sums.tolist(), device, distributed)
+    loss_sum, dist_sum, count = totals[:3]
+    abs_error, abs_true, (pairs, sign_right, sign_scored) = totals[3:9], totals[9:15], totals[15:18]
+    row = {"val_loss": loss_sum / count if count else math.nan, "val_dist": dist_sum / count if count else math.nan}
+    for k, dof in enumerate(tf.DOF_NAMES):
+        row[f"val_{dof}"] = abs_error[k] / pairs if pairs else math.nan
+        row[f"val_{dof}_identity"] = abs_true[k] / pairs if pairs else math.nan
+    row["val_oop_sign_acc"] = sign_right / sign_scored if sign_scored else math.nan
+    return row
 
 
 @torch.no_grad()
@@ -469,7 +528,12 @@ def init_output_at_identity(model: torch.nn.Module, geometry: PairGeometry) -> N
     With torchvision's initialisation the untrained head outputs rotations of ~0.3 rad (corners move
     by centimetres), and the first epochs of a short run are spent unlearning them. A zero-initialised
     last layer (as DiT does) starts from the identity; its weights get gradients from the first step.
+    A model whose output is not its last layer's (``patch_flow``: a rigid fit of per-patch motions)
+    knows its own identity start (``init_at_identity``).
     """
+    if hasattr(model, "init_at_identity"):
+        model.init_at_identity()
+        return
     head = models.output_layer(model)
     with torch.no_grad():
         head.weight.zero_()
@@ -535,24 +599,164 @@ def run(argv=None) -> TrainResult:
 def _run(argv, distributed: Distributed) -> TrainResult:
     options, namespace, checkpoint = resolve_options(argv)
     setup_logging(None, distributed)
+    device = setup_device(options, distributed)
+    run_dir = open_run_dir(options, namespace, checkpoint, distributed)
+    setup_logging(run_dir, distributed)
+    log.info("run folder: %s", run_dir)
+    log.info("device: %s, processes: %d", device, distributed.world_size)
+
+    data = prepare_data(options, checkpoint, distributed)
+    if distributed.is_main and checkpoint is None:
+        write_run_description(run_dir, options, data)
+    loaders = make_loaders(options, data, device, distributed)
+    geometry = make_geometry(options, data, device)
+    label_stats = checkpoint["label_stats"] if checkpoint is not None and "label_stats" in checkpoint \
+        else training_label_statistics(data, geometry, options)
+    if options.label_norm or options.loss_dofs != "all":
+        geometry.loss_weights = label_loss_weights(label_stats, options).to(device)
+    model, model_args = build_network(options, geometry, data, label_stats, namespace.init_weights, checkpoint, device)
+    optimizer = make_optimizer(model, options)
+    steps_per_epoch = math.ceil(len(loaders.train_sampler) / options.minibatch_size)
+    total_steps = options.max_steps or (steps_per_epoch * options.num_epochs if options.num_epochs < 10**7 else None)
+    scheduler = make_scheduler(optimizer, options, total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and options.amp and options.amp_dtype == "float16")
+    state = restore_state(checkpoint, model, optimizer, scheduler, scaler, distributed, namespace.resume)
+    train_model = model
+    if distributed.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log.info("model: %s (%s), %.2f M parameters, %d pairs per window, pred %s, label %s%s",
+             options.model_name, model_args, sum(p.numel() for p in model.parameters()) / 1e6, geometry.num_pairs,
+             options.pred_type, options.label_type,
+             f", loss weights per DOF {[round(w, 3) for w in geometry.loss_weights.tolist()]}"
+             if geometry.loss_weights is not None else "")
+
+    def save(name: str) -> None:
+        if not distributed.is_main:
+            return
+        save_checkpoint(run_dir / name, {
+            "format_version": 1, "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
+            "batch_in_epoch": state["batch_in_epoch"], "step": state["step"], "best": dict(state["best"]),
+            "options": options_to_dict(options), "model_args": model_args, "rng": rng_state(),
+            "folds": [list(map(int, fold)) for fold in data.folds], "label_stats": label_stats,
+        })
+
+    state["save"] = save
+    tb_writer = None
+    if distributed.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
+
+        tb_writer = SummaryWriter(str(run_dir / "tb"))
+
+    def validate(epoch: int, row: dict) -> None:
+        if loaders.val is None or epoch % options.val_fre:
+            return
+        row.update(evaluate(train_model, loaders.val, geometry, device, options, distributed))
+        if options.val_scan_every and epoch % options.val_scan_every == 0:
+            if distributed.is_main:
+                row.update(evaluate_scans(model, data.val_scans, data.val_sources, data.read_factor, data.calibration,
+                                          device, options))
+            if distributed.enabled:
+                dist.barrier()
+        if distributed.is_main and row["val_dist"] < state["best"]["val_dist"]:
+            state["best"] = {"val_dist": row["val_dist"], "epoch": epoch, "step": state["step"]}
+            save("best.pt")
+
+    def record(row: dict) -> None:
+        if not distributed.is_main:
+            return
+        append_metrics_row(run_dir / "metrics.csv", row)
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
+                tb_writer.add_scalar(key, value, row["epoch"])
+        tb_writer.flush()
+        plot_curves(run_dir)
+        if row["epoch"] % options.freq_info == 0 or row["epoch"] == options.num_epochs:
+            log_epoch(row)
+
+    try:
+        # Epoch 0 is the untrained network: the first point of the validation curve.
+        if checkpoint is None:
+            row = {"epoch": 0, "step": 0, "lr": optimizer.param_groups[0]["lr"]}
+            validate(0, row)
+            record(row)
+        while state["epoch"] < options.num_epochs:
+            if options.max_steps is not None and state["step"] >= options.max_steps:
+                break
+            epoch = state["epoch"]
+            loaders.train_sampler.set_epoch(epoch)
+            loaders.train_sampler.set_start(state["batch_in_epoch"] * options.minibatch_size)
+            stats = train_one_epoch(train_model, loaders.train, optimizer, scheduler, scaler, geometry, device, options,
+                                    state, distributed, description=f"epoch {epoch + 1}")
+            if state["batch_in_epoch"] < steps_per_epoch:  # stopped inside the epoch (max_steps)
+                break
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            row = {"epoch": state["epoch"], "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
+                   "train_loss": stats["train_loss"], "train_dist": stats["train_dist"], "epoch_s": stats["epoch_s"],
+                   "samples_per_s": stats["samples"] / stats["epoch_s"] if stats["epoch_s"] > 0 else math.nan,
+                   "data_wait_fraction": stats["data_wait_fraction"]}
+            validate(state["epoch"], row)
+            record(row)
+            if state["epoch"] % options.freq_save == 0:
+                save("last.pt")
+        save("last.pt")
+    finally:
+        if tb_writer is not None:
+            tb_writer.close()
+    best = state["best"]
+    log.info("finished at epoch %d, step %d; best validation point distance %s (epoch %s); checkpoints in %s",
+             state["epoch"], state["step"], f"{best['val_dist']:.3f} mm" if math.isfinite(best["val_dist"]) else "n/a",
+             best["epoch"], run_dir)
+    return TrainResult(run_dir, state["epoch"], state["step"], dict(state["best"]), list(state["last_losses"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The steps of a run
+# --------------------------------------------------------------------------------------------
+
+
+def setup_device(options: TrainOptions, distributed: Distributed) -> torch.device:
     device = resolve_device(options.device, distributed)
     if device.type == "cpu":
         # glibc's allocator otherwise maps and zeroes every large activation afresh at each step; the
         # setting made for CPU inference speeds training steps up as well (see bench_train.py).
         configure_cpu_inference()
     torch.manual_seed(options.seed + distributed.rank)  # dropout differs per rank, data split does not
+    return device
 
-    # ---- run folder (rank 0 creates it, the others learn its name) ----
-    if checkpoint is None:
-        run_dir = make_run_dir(options.out_dir, options.name or "train") if distributed.is_main else None
-        run_dir = Path(broadcast_object(str(run_dir) if run_dir else None, distributed))
-    else:
-        run_dir = Path(namespace.resume).resolve().parent
-    setup_logging(run_dir, distributed)
-    log.info("run folder: %s", run_dir)
-    log.info("device: %s, processes: %d", device, distributed.world_size)
 
-    # ---- data ----
+def open_run_dir(options: TrainOptions, namespace, checkpoint, distributed: Distributed) -> Path:
+    """A new numbered run folder (rank 0 creates it, the others learn its name), or the resumed one."""
+    if checkpoint is not None:
+        return Path(namespace.resume).resolve().parent
+    run_dir = make_run_dir(options.out_dir, options.name or "train") if distributed.is_main else None
+    return Path(broadcast_object(str(run_dir) if run_dir else None, distributed))
+
+
+@dataclass
+class RunData:
+    """The scans of a run: ``*_sources`` are the original files (poses, frame size, metrics),
+    ``*_scans`` what the network reads (the originals, or a down-sampled cache, then
+    ``read_factor`` 1)."""
+
+    data_root: Path
+    calibration: object
+    source_scans: list
+    folds: list
+    train_sources: list
+    val_sources: list
+    train_scans: list
+    val_scans: list
+    read_factor: int
+    height: int
+    width: int
+
+
+def prepare_data(options: TrainOptions, checkpoint, distributed: Distributed) -> RunData:
+    """Find the scans, split them into folds (or take the checkpoint's), check one frame size, and
+    build the down-sampled cache when asked (rank 0 writes it, the others wait and look it up)."""
     data_root = resolve_data_root(options.data_path)
     calibration = load_calibration(options.calib_file or data_root / CALIB_FILE)
     source_scans = find_scans(data_root)
@@ -583,161 +787,154 @@ def _run(argv, distributed: Distributed) -> TrainResult:
         read_factor = 1
     else:
         train_scans, val_scans, read_factor = train_sources, val_sources, options.downsample
-
-    if distributed.is_main and checkpoint is None:
-        write_options(options, run_dir / "options.yaml", header=f"Resolved options of {run_dir.name}; usable as a preset.")
-        scans_by_subject = {}
-        for ref in source_scans:
-            scans_by_subject.setdefault(ref.subject, []).append(ref.name)
-        write_folds(run_dir / "folds.json", folds, data_root, options.split_seed, scans_by_subject)
     log.info("data: %s, %d training scans, %d validation scans, frames %dx%d%s", data_root, len(train_scans),
-             len(val_scans), height, width,
-             f" down-sampled x{options.downsample}" if options.downsample > 1 else "")
+             len(val_scans), height, width, f" down-sampled x{options.downsample}" if options.downsample > 1 else "")
+    return RunData(data_root, calibration, source_scans, folds, train_sources, val_sources, train_scans, val_scans,
+                   read_factor, height, width)
 
-    train_set = FrameWindowDataset(train_scans, options.num_samples, options.sample_range, downsample=read_factor,
-                                   reverse_prob=options.reverse_prob, max_stride=options.max_stride)
+
+def write_run_description(run_dir: Path, options: TrainOptions, data: RunData) -> None:
+    """``options.yaml`` (a valid preset) and ``folds.json`` of a new run."""
+    write_options(options, run_dir / "options.yaml", header=f"Resolved options of {run_dir.name}; usable as a preset.")
+    scans_by_subject = {}
+    for ref in data.source_scans:
+        scans_by_subject.setdefault(ref.subject, []).append(ref.name)
+    write_folds(run_dir / "folds.json", data.folds, data.data_root, options.split_seed, scans_by_subject)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    train_sampler: EpochSampler
+    val: DataLoader | None
+
+
+def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed) -> Loaders:
+    train_set = FrameWindowDataset(data.train_scans, options.num_samples, options.sample_range,
+                                   downsample=data.read_factor, reverse_prob=options.reverse_prob,
+                                   max_stride=options.max_stride)
     train_sampler = EpochSampler(len(train_set), options.samples_per_scan, seed=options.seed, shuffle=True,
                                  rank=distributed.rank, world_size=distributed.world_size)
-    pin = device.type == "cuda"
     # A private generator: DataLoader draws its workers' base seed from it, not from the global RNG,
     # so the dropout RNG sequence does not depend on where an epoch's iterator was created (resume).
-    loader_args = dict(batch_size=options.minibatch_size, num_workers=options.num_workers, pin_memory=pin,
-                       persistent_workers=options.num_workers > 0, generator=torch.Generator())
+    loader_args = dict(batch_size=options.minibatch_size, num_workers=options.num_workers,
+                       pin_memory=device.type == "cuda", persistent_workers=options.num_workers > 0,
+                       generator=torch.Generator())
     train_loader = DataLoader(train_set, sampler=train_sampler, **loader_args)
     val_loader = None
-    if val_scans:
-        val_set = FrameWindowDataset(val_scans, options.num_samples, options.sample_range, downsample=read_factor)
+    if data.val_scans:
+        val_set = FrameWindowDataset(data.val_scans, options.num_samples, options.sample_range,
+                                     downsample=data.read_factor)
         val_sampler = EpochSampler(len(val_set), options.val_samples_per_scan, seed=options.seed + 1, shuffle=False,
                                    rank=distributed.rank, world_size=distributed.world_size)
         val_sampler.set_epoch(0)  # fixed windows: every validation sees the same ones
         val_loader = DataLoader(val_set, sampler=val_sampler, **loader_args)
     else:
         log.warning("no validation scans (folds %s): validation and best.pt are skipped", options.val_folds)
+    return Loaders(train_loader, train_sampler, val_loader)
 
-    # ---- geometry, model, optimiser ----
-    geometry = PairGeometry(
+
+def make_geometry(options: TrainOptions, data: RunData, device: torch.device) -> PairGeometry:
+    return PairGeometry(
         pairs=tf.pair_samples(options.num_samples, options.num_pred).to(device),
         pred_type=options.pred_type, label_type=options.label_type,
-        calib_R_T=torch.from_numpy(np.array(calibration.calib_R_T)).to(device),
-        image_points_mm=image_points_mm(calibration.scale, height, width).to(device),
+        calib_R_T=torch.from_numpy(np.array(data.calibration.calib_R_T)).to(device),
+        image_points_mm=image_points_mm(data.calibration.scale, data.height, data.width).to(device),
     )
-    model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim())
+
+
+def training_label_statistics(data: RunData, geometry: PairGeometry, options: TrainOptions) -> dict:
+    """Mean and spread per DOF of the ``parameter`` labels of the training fold's pairs.
+
+    Every window of consecutive frames of every training scan, with the run's pairs
+    (``pair_samples``): the labels the network sees without stride or reversal augmentation.
+    Returns ``{"mean": [6], "std": [6]}`` (radians, mm; plain lists, stored in the checkpoint).
+    """
+    calib = geometry.calib_R_T.double().cpu()
+    pairs = geometry.pairs.cpu()
+    values = []
+    for ref in data.train_sources:
+        with ScanFile(ref) as scan_file:
+            tforms = torch.from_numpy(np.asarray(scan_file.read_tforms(), dtype=np.float64))
+        starts = torch.arange(len(tforms) - options.num_samples + 1)
+        windows = tforms[starts[:, None] + torch.arange(options.num_samples)]  # [W, n, 4, 4]
+        values.append(tf.matrix_to_params(tf.relative_transforms(windows, pairs, calib)).reshape(-1, 6))
+    values = torch.cat(values)
+    return {"mean": values.mean(dim=0).tolist(), "std": values.std(dim=0).tolist()}
+
+
+def label_loss_weights(label_stats: dict, options: TrainOptions) -> torch.Tensor:
+    """Per-value weights of a ``parameter`` label's MSE, repeated for every pair of the window.
+
+    ``label_norm``: 1 / std^2 of each DOF over the training fold, so the loss is the mean squared
+    error in units of each DOF's own spread (about 1 for a network that predicts no motion);
+    ``loss_dofs='in_plane'``: the out-of-plane DOFs weigh 0 (a network that predicts no out-of-plane
+    motion is not asked to).
+    """
+    std = torch.tensor(label_stats["std"], dtype=torch.float64)
+    weights = 1.0 / std.clamp_min(1e-12) ** 2 if options.label_norm else torch.ones(6, dtype=torch.float64)
+    if options.loss_dofs == "in_plane":
+        keep = torch.zeros(6, dtype=torch.bool)
+        keep[list(tf.IN_PLANE_DOFS)] = True
+        weights = torch.where(keep, weights, torch.zeros_like(weights))
+    return weights.float()
+
+
+def build_network(options: TrainOptions, geometry: PairGeometry, data: RunData, label_stats: dict, init_weights,
+                  checkpoint, device: torch.device):
+    """The network and its ``model_args``: extra constructor arguments where the model needs them
+    (``patch_flow``: the pixel size of the frames it sees), its output scale from the training
+    labels, then initial weights, the identity start, or (resuming) nothing here."""
+    kwargs = {}
+    if options.model_name == "patch_flow":
+        scale = np.array(data.calibration.scale, dtype=np.float64)
+        kwargs["pixel_mm"] = [float(scale[0, 0]) * options.downsample, float(scale[1, 1]) * options.downsample]
+    model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim(), **kwargs)
     model = models.build_from_args(model_args).to(device)
-    if namespace.init_weights is not None:
-        load_model_weights(model, namespace.init_weights, map_location=device)
-        log.info("initial weights: %s", namespace.init_weights)
+    if hasattr(model, "set_label_statistics"):
+        size = (data.height // options.downsample, data.width // options.downsample)
+        model.set_label_statistics(torch.tensor(label_stats["mean"]), torch.tensor(label_stats["std"]), size)
+    if init_weights is not None:
+        load_model_weights(model, init_weights, map_location=device)
+        log.info("initial weights: %s", init_weights)
     elif options.identity_init and checkpoint is None:
         init_output_at_identity(model, geometry)
-    optimizer = make_optimizer(model, options)
-    steps_per_epoch = math.ceil(len(train_sampler) / options.minibatch_size)
-    total_steps = options.max_steps or (steps_per_epoch * options.num_epochs if options.num_epochs < 10**7 else None)
-    scheduler = make_scheduler(optimizer, options, total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and options.amp and options.amp_dtype == "float16")
+    return model, model_args
 
+
+def restore_state(checkpoint, model, optimizer, scheduler, scaler, distributed: Distributed, resume_path) -> dict:
+    """The loop's state: a fresh start, or everything a checkpoint saved (``--resume``)."""
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": {"val_dist": math.inf, "epoch": None, "step": None},
              "last_losses": []}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        state.update(epoch=checkpoint["epoch"], batch_in_epoch=checkpoint["batch_in_epoch"], step=checkpoint["step"],
-                     best=dict(checkpoint["best"]))
-        if distributed.world_size == 1:
-            set_rng_state(checkpoint["rng"])
-        # else: the checkpoint holds rank 0's generators only; every rank keeps its seed + rank stream,
-        # so a resumed DDP run continues with the same data but different dropout draws.
-        log.info("resumed from %s at epoch %d, batch %d, step %d", namespace.resume, state["epoch"],
-                 state["batch_in_epoch"], state["step"])
-    train_model = model
-    if distributed.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    log.info("model: %s (%s), %.2f M parameters, %d pairs per window, pred %s, label %s",
-             options.model_name, model_args, sum(p.numel() for p in model.parameters()) / 1e6, geometry.num_pairs,
-             options.pred_type, options.label_type)
+    if checkpoint is None:
+        return state
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    state.update(epoch=checkpoint["epoch"], batch_in_epoch=checkpoint["batch_in_epoch"], step=checkpoint["step"],
+                 best=dict(checkpoint["best"]))
+    if distributed.world_size == 1:
+        set_rng_state(checkpoint["rng"])
+    # else: the checkpoint holds rank 0's generators only; every rank keeps its seed + rank stream,
+    # so a resumed DDP run continues with the same data but different dropout draws.
+    log.info("resumed from %s at epoch %d, batch %d, step %d", resume_path, state["epoch"],
+             state["batch_in_epoch"], state["step"])
+    return state
 
-    def save(name: str) -> None:
-        if not distributed.is_main:
-            return
-        save_checkpoint(run_dir / name, {
-            "format_version": 1, "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": state["epoch"],
-            "batch_in_epoch": state["batch_in_epoch"], "step": state["step"], "best": dict(state["best"]),
-            "options": options_to_dict(options), "model_args": model_args, "rng": rng_state(),
-            "folds": [list(map(int, fold)) for fold in folds],
-        })
 
-    state["save"] = save
-    tb_writer = None
-    if distributed.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
-
-        tb_writer = SummaryWriter(str(run_dir / "tb"))
-
-    def validate(epoch: int, row: dict) -> None:
-        if val_loader is None or epoch % options.val_fre:
-            return
-        row.update(evaluate(train_model, val_loader, geometry, device, options, distributed))
-        if options.val_scan_every and epoch % options.val_scan_every == 0:
-            if distributed.is_main:
-                row.update(evaluate_scans(model, val_scans, val_sources, read_factor, calibration, device, options))
-            if distributed.enabled:
-                dist.barrier()
-        if distributed.is_main and row["val_dist"] < state["best"]["val_dist"]:
-            state["best"] = {"val_dist": row["val_dist"], "epoch": epoch, "step": state["step"]}
-            save("best.pt")
-
-    def record(row: dict) -> None:
-        if not distributed.is_main:
-            return
-        append_metrics_row(run_dir / "metrics.csv", row)
-        for key, value in row.items():
-            if key not in ("epoch", "step") and isinstance(value, float) and math.isfinite(value):
-                tb_writer.add_scalar(key, value, row["epoch"])
-        tb_writer.flush()
-        plot_curves(run_dir)
-        parts = [f"{key} {row[key]:.4g}" for key in ("train_loss", "train_dist", "val_loss", "val_dist", "val_GPE", "val_LPE")
-                 if isinstance(row.get(key), float) and math.isfinite(row[key])]
-        if row["epoch"] % options.freq_info == 0 or row["epoch"] == options.num_epochs:
-            log.info("[epoch %d, step %d] %s", row["epoch"], row["step"], ", ".join(parts))
-
-    try:
-        # Epoch 0 is the untrained network: the first point of the validation curve.
-        if checkpoint is None:
-            row = {"epoch": 0, "step": 0, "lr": optimizer.param_groups[0]["lr"]}
-            validate(0, row)
-            record(row)
-        while state["epoch"] < options.num_epochs:
-            if options.max_steps is not None and state["step"] >= options.max_steps:
-                break
-            epoch = state["epoch"]
-            train_sampler.set_epoch(epoch)
-            train_sampler.set_start(state["batch_in_epoch"] * options.minibatch_size)
-            stats = train_one_epoch(train_model, train_loader, optimizer, scheduler, scaler, geometry, device, options,
-                                    state, distributed, description=f"epoch {epoch + 1}")
-            if state["batch_in_epoch"] < steps_per_epoch:  # stopped inside the epoch (max_steps)
-                break
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            row = {"epoch": state["epoch"], "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": stats["train_loss"], "train_dist": stats["train_dist"], "epoch_s": stats["epoch_s"],
-                   "samples_per_s": stats["samples"] / stats["epoch_s"] if stats["epoch_s"] > 0 else math.nan,
-                   "data_wait_fraction": stats["data_wait_fraction"]}
-            validate(state["epoch"], row)
-            record(row)
-            if state["epoch"] % options.freq_save == 0:
-                save("last.pt")
-        save("last.pt")
-    finally:
-        if tb_writer is not None:
-            tb_writer.close()
-    best = state["best"]
-    log.info("finished at epoch %d, step %d; best validation point distance %s (epoch %s); checkpoints in %s",
-             state["epoch"], state["step"], f"{best['val_dist']:.3f} mm" if math.isfinite(best["val_dist"]) else "n/a",
-             best["epoch"], run_dir)
-    return TrainResult(run_dir, state["epoch"], state["step"], dict(state["best"]), list(state["last_losses"]))
+def log_epoch(row: dict) -> None:
+    """The epoch's summary line, and the per-DOF line: validation error / no motion's, per DOF."""
+    parts = [f"{key} {row[key]:.4g}" for key in ("train_loss", "train_dist", "val_loss", "val_dist", "val_GPE", "val_LPE")
+             if isinstance(row.get(key), float) and math.isfinite(row[key])]
+    log.info("[epoch %d, step %d] %s", row["epoch"], row["step"], ", ".join(parts))
+    dofs = [f"{dof} {row[f'val_{dof}']:.3g}/{row[f'val_{dof}_identity']:.3g} {unit}"
+            for dof, unit in zip(tf.DOF_NAMES, tf.DOF_UNITS) if math.isfinite(row.get(f"val_{dof}", math.nan))]
+    if dofs:
+        sign = row.get("val_oop_sign_acc", math.nan)
+        log.info("  per DOF, validation error / no motion's: %s; out-of-plane sign accuracy %s", ", ".join(dofs),
+                 f"{sign:.1%}" if math.isfinite(sign) else "n/a (none predicted)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The one way networks are built: a name -> builder registry, and the constructor arguments a checkpoint stores.
 
-A builder is a function ``builder(in_frames: int, pred_dim: int) -> torch.nn.Module`` decorated with
-``@register_model("name")``. Builders take explicit arguments, never an options object, so a network
-can be rebuilt from a checkpoint's ``model_args`` alone (``build_from_args``).
+A builder is a function ``builder(in_frames: int, pred_dim: int, **kwargs) -> torch.nn.Module``
+decorated with ``@register_model("name")``. Builders take explicit arguments, never an options
+object, so a network can be rebuilt from a checkpoint's ``model_args`` alone (``build_from_args``).
+Keyword arguments beyond the two every builder takes (e.g. the pixel size a patch network measures
+motion in) travel in ``model_args["kwargs"]``, plain JSON-able values.
 
 Importing this module is cheap: the built-in builder modules import torchvision inside the builder
 functions, so ``import models`` (e.g. to list ``MODEL_NAMES`` for argparse ``choices=``) loads no
@@ -13,6 +15,7 @@ module to ``_BUILTIN_MODULES`` below.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -20,13 +23,14 @@ import torch
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
 
 # Modules whose builders register themselves when imported (at the end of this module).
-_BUILTIN_MODULES = ("models.efficientnet", "models.resnet")
+_BUILTIN_MODULES = ("models.efficientnet", "models.resnet", "models.patch_flow")
 
 _ARG_KEYS = ("name", "in_frames", "pred_dim")
+_OPTIONAL_ARG_KEYS = ("kwargs",)
 
 
 def register_model(name: str):
-    """Decorator: register ``builder(in_frames, pred_dim) -> nn.Module`` under ``name``."""
+    """Decorator: register ``builder(in_frames, pred_dim, **kwargs) -> nn.Module`` under ``name``."""
 
     def decorator(builder):
         if name in _REGISTRY and _REGISTRY[name] is not builder:
@@ -54,24 +58,35 @@ def _check_positive_int(what: str, value) -> int:
     return value
 
 
-def model_args(name: str, in_frames: int, pred_dim: int) -> dict:
-    """The constructor arguments a checkpoint stores: ``{"name", "in_frames", "pred_dim"}`` (plain types)."""
+def model_args(name: str, in_frames: int, pred_dim: int, **kwargs) -> dict:
+    """The constructor arguments a checkpoint stores: ``{"name", "in_frames", "pred_dim"}`` (plain
+    types), plus ``"kwargs"`` when the builder takes more (omitted when there are none, so the
+    baseline's networks store exactly what they always did)."""
     _check_name(name)
-    return {
+    args = {
         "name": str(name),
         "in_frames": _check_positive_int("in_frames", in_frames),
         "pred_dim": _check_positive_int("pred_dim", pred_dim),
     }
+    if kwargs:
+        args["kwargs"] = dict(kwargs)
+    return args
 
 
-def build_model(name: str, in_frames: int, pred_dim: int) -> torch.nn.Module:
+def build_model(name: str, in_frames: int, pred_dim: int, **kwargs) -> torch.nn.Module:
     """Build the network ``name`` taking ``in_frames`` frames as channels and giving ``pred_dim`` outputs.
 
     Input [B, in_frames, H, W] float (frames / 255), output [B, pred_dim]. Weights are randomly
-    initialised (never downloaded); load trained ones with ``utils.checkpoint``.
+    initialised (never downloaded); load trained ones with ``utils.checkpoint``. ``kwargs`` go to the
+    builder; one it does not take is refused with the ones it does.
     """
-    args = model_args(name, in_frames, pred_dim)
-    return _REGISTRY[args["name"]](in_frames=args["in_frames"], pred_dim=args["pred_dim"])
+    args = model_args(name, in_frames, pred_dim, **kwargs)
+    builder = _REGISTRY[args["name"]]
+    accepted = [key for key in inspect.signature(builder).parameters if key not in ("in_frames", "pred_dim")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} takes no argument(s) {unknown}; it takes {accepted or 'none'}")
+    return builder(in_frames=args["in_frames"], pred_dim=args["pred_dim"], **kwargs)
 
 
 def build_from_args(args: dict) -> torch.nn.Module:
@@ -79,12 +94,16 @@ def build_from_args(args: dict) -> torch.nn.Module:
     if not isinstance(args, dict):
         raise ValueError(f"model_args must be a dict with keys {list(_ARG_KEYS)}, got {type(args).__name__}")
     missing = [key for key in _ARG_KEYS if key not in args]
-    unknown = sorted(str(key) for key in args if key not in _ARG_KEYS)
+    unknown = sorted(str(key) for key in args if key not in _ARG_KEYS + _OPTIONAL_ARG_KEYS)
     if missing or unknown:
         raise ValueError(
-            f"model_args {args!r}: missing keys {missing}, unknown keys {unknown}; expected {list(_ARG_KEYS)}"
+            f"model_args {args!r}: missing keys {missing}, unknown keys {unknown}; expected {list(_ARG_KEYS)} "
+            f"and optionally {list(_OPTIONAL_ARG_KEYS)}"
         )
-    return build_model(args["name"], args["in_frames"], args["pred_dim"])
+    kwargs = args.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"model_args['kwargs'] must be a dict, got {type(kwargs).__name__}")
+    return build_model(args["name"], args["in_frames"], args["pred_dim"], **kwargs)
 
 
 for _module in _BUILTIN_MODULES:

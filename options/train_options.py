@@ -12,7 +12,8 @@ import re
 from options.core import option
 
 # Hard-coded rather than read from the models registry: options must not import model code.
-MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18")
+MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18", "patch_flow")
+LOSS_DOFS = ("all", "in_plane")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -55,7 +56,24 @@ class TrainOptions:
     num_pred: int = option(
         1, "transforms predicted per window (pairs of its frames)", aliases=("NUM_PRED",)
     )
-    model_name: str = option("efficientnet_b1", "network architecture", choices=MODEL_NAMES)
+    model_name: str = option(
+        "efficientnet_b1",
+        "network architecture (patch_flow: full-resolution patches and a rigid in-plane fit, 2 frames, "
+        "parameter prediction and label)",
+        choices=MODEL_NAMES,
+    )
+    label_norm: bool = option(
+        False,
+        "divide each DOF of the parameter label by its spread over the training fold in the loss, so a "
+        "rotation in radians and a translation in mm weigh the same (the statistics are stored in the "
+        "checkpoint; networks with an output scale take it from them)",
+    )
+    loss_dofs: str = option(
+        "all",
+        "DOFs of the parameter label the loss compares: all 6, or in_plane (a_Z, t_x, t_y) for a network "
+        "that predicts no out-of-plane motion",
+        choices=LOSS_DOFS,
+    )
 
     # --- optimisation -----------------------------------------------------------------------
     minibatch_size: int = option(16, "windows per optimiser step", aliases=("MINIBATCH_SIZE",))
@@ -133,6 +151,13 @@ class TrainOptions:
             check_pred_label(self.pred_type, self.label_type)
         except ValueError as exc:
             problems.append(str(exc))
+        if (self.label_norm or self.loss_dofs != "all") and self.label_type != "parameter":
+            problems.append(f"label_norm={self.label_norm}, loss_dofs={self.loss_dofs!r}: per-DOF losses need "
+                            f"label_type='parameter' (got {self.label_type!r})")
+        if self.model_name == "patch_flow" and (self.num_samples, self.num_pred, self.pred_type) != (2, 1, "parameter"):
+            problems.append(f"model_name='patch_flow' predicts one pair's parameters: it needs num_samples=2, "
+                            f"num_pred=1, pred_type='parameter' (got {self.num_samples}, {self.num_pred}, "
+                            f"{self.pred_type!r})")
         if self.num_samples < 2:
             problems.append(f"num_samples={self.num_samples}: a window needs at least 2 frames")
         if self.sample_range < self.num_samples:

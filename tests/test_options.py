@@ -93,7 +93,7 @@ def test_precedence_defaults_preset_cli(tmp_path):
 
 def test_shipped_preset_by_name_and_cli_override():
     opts, args = parse(["--preset", "fast_cpu", "--num_epochs", "2"])
-    assert opts.downsample == 4 and opts.minibatch_size == 32
+    assert opts.model_name == "patch_flow" and opts.minibatch_size == 32
     assert opts.num_epochs == 2
     assert opts.name == "fast_cpu"  # a run is named after its preset unless --name says otherwise
     assert args.preset == "fast_cpu"
@@ -493,12 +493,28 @@ def test_baseline_preset_is_the_defaults():
 
 def test_fast_cpu_preset():
     values = load_preset(TrainOptions, "fast_cpu")
-    expected = dict(
-        downsample=4, minibatch_size=32, samples_per_scan=64, val_samples_per_scan=16, num_epochs=12,
-        val_scan_every=4, freq_info=1, freq_save=1, num_workers=2, identity_init=True,
-    )
-    assert values == expected
-    assert options_from_dict(TrainOptions, values).model_name == "efficientnet_b1"
+    opts = options_from_dict(TrainOptions, values)
+    # The demo's model: full-resolution patches, per-DOF normalised in-plane loss, from "no motion".
+    assert (opts.model_name, opts.downsample, opts.label_type, opts.label_norm, opts.loss_dofs) == (
+        "patch_flow", 1, "parameter", True, "in_plane")
+    assert opts.identity_init and opts.num_workers <= 2
+
+
+def test_cpu_hour_preset():
+    opts = options_from_dict(TrainOptions, load_preset(TrainOptions, "cpu_hour"))
+    assert (opts.model_name, opts.label_norm, opts.loss_dofs) == ("patch_flow", True, "in_plane")
+    assert opts.max_steps is not None or opts.num_epochs < 10**6  # a bounded run
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"label_norm": True}, "per-DOF losses need label_type='parameter'"),
+    ({"loss_dofs": "in_plane", "label_type": "point"}, "per-DOF losses need"),
+    ({"model_name": "patch_flow", "label_type": "parameter", "num_samples": 4, "sample_range": 4},
+     "patch_flow.*num_samples=2"),
+])
+def test_per_dof_options_are_checked(values, message):
+    with pytest.raises(ValueError, match=message):
+        options_from_dict(TrainOptions, values)
 
 
 def test_more_frames_preset():

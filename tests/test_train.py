@@ -221,3 +221,81 @@ def test_torchrun_with_two_cpu_processes(tiny_data, tmp_path):
     log_text = (runs[0] / "log.txt").read_text()
     assert "processes: 2" in log_text
     assert log_text.count("run folder") == 1  # only rank 0 logs
+
+
+# --------------------------------------------------------------------------------------------
+# Per-DOF diagnosis, label statistics and the normalised in-plane loss (issue 11)
+# --------------------------------------------------------------------------------------------
+
+
+def _independent_label_statistics(data: Path, subjects: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of [a_Z, a_Y, a_X, t_x, t_y, t_z] of every consecutive pair of the subjects' scans,
+    from the DESIGN.md formula and scipy's intrinsic ZYX angles (not utils.transform)."""
+    from scipy.spatial.transform import Rotation
+
+    from utils.calibration import load_calibration
+    from utils.challenge_data import ScanFile, find_scans
+
+    calib = np.array(load_calibration(data / "calib_matrix.csv").calib_R_T, dtype=np.float64)
+    values = []
+    for ref in find_scans(data):
+        if ref.subject not in subjects:
+            continue
+        with ScanFile(ref) as scan_file:
+            tforms = np.asarray(scan_file.read_tforms(), dtype=np.float64)
+        for i in range(1, len(tforms)):
+            tform = np.linalg.inv(calib) @ np.linalg.inv(tforms[i - 1]) @ tforms[i] @ calib  # T_{i-1<-i}
+            angles = Rotation.from_matrix(tform[:3, :3]).as_euler("ZYX")
+            values.append(np.concatenate([angles, tform[:3, 3]]))
+    values = np.array(values)
+    return values.mean(axis=0), values.std(axis=0, ddof=1)
+
+
+def test_patch_flow_run_diagnoses_every_dof_and_stores_label_statistics(tiny_data, tmp_path):
+    result = train.run(base_args(tiny_data, tmp_path, "--model_name", "patch_flow", "--downsample", "1",
+                                 "--LABEL_TYPE", "parameter", "--label_norm", "true", "--loss_dofs", "in_plane",
+                                 "--identity_init", "true"))
+    rows = read_metrics(result.run_dir)
+    for row in rows:
+        for dof in tf.DOF_NAMES:
+            assert float(row[f"val_{dof}_identity"]) > 0
+        # patch_flow predicts no out-of-plane motion: its errors there are exactly no motion's
+        for dof in ("ry", "rx", "tz"):
+            assert float(row[f"val_{dof}"]) == pytest.approx(float(row[f"val_{dof}_identity"]), rel=1e-9)
+        assert row["val_oop_sign_acc"] in ("", "nan")  # nothing predicted, nothing scored
+    checkpoint = load_checkpoint(result.run_dir / "last.pt")
+    assert checkpoint["model_args"]["kwargs"]["pixel_mm"] == pytest.approx([0.229389190673828 * 4, 0.220979690551758 * 4])
+    folds = checkpoint["folds"]
+    mean, std = _independent_label_statistics(tiny_data, folds[0] + folds[1])
+    np.testing.assert_allclose(checkpoint["label_stats"]["mean"], mean, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(checkpoint["label_stats"]["std"], std, rtol=1e-6)
+    log_text = (result.run_dir / "log.txt").read_text()
+    assert "per DOF, validation error / no motion's: rz" in log_text
+
+
+def test_label_loss_weights_are_inverse_variances_of_the_compared_dofs():
+    stats = {"mean": [0.0] * 6, "std": [0.002, 0.01, 0.02, 0.1, 0.2, 0.5]}
+    options = TrainOptions(label_type="parameter", label_norm=True, loss_dofs="in_plane")
+    weights = train.label_loss_weights(stats, options)
+    expected = torch.tensor([1 / 0.002**2, 0, 0, 1 / 0.1**2, 1 / 0.2**2, 0], dtype=torch.float32)
+    torch.testing.assert_close(weights, expected)
+    plain_in_plane = train.label_loss_weights(stats, TrainOptions(label_type="parameter", loss_dofs="in_plane"))
+    torch.testing.assert_close(plain_in_plane, torch.tensor([1.0, 0, 0, 1, 1, 0]))
+
+
+def test_dof_errors_are_absolute_errors_in_degrees_and_mm():
+    points = torch.tensor([[0.0, 100.0, 0.0, 100.0], [0.0, 0.0, 80.0, 80.0], [0.0] * 4, [1.0] * 4],
+                          dtype=torch.float64)
+    geometry = train.PairGeometry(pairs=torch.tensor([[0, 1]]), pred_type="parameter", label_type="parameter",
+                                  calib_R_T=torch.eye(4, dtype=torch.float64), image_points_mm=points)
+    labels = torch.tensor([[[0.01, -0.02, 0.03, 0.5, -0.4, 0.3]], [[-0.01, 0.0, 0.0, 0.1, 0.0, -0.2]]])
+    predictions = torch.tensor([[[0.012, 0.0, 0.0, 0.4, -0.4, 0.0]], [[-0.01, 0.0, 0.0, 0.3, 0.1, 0.0]]])
+    sums = geometry.dof_errors(predictions, labels)
+    difference = (predictions - labels).abs().reshape(-1, 6).double()
+    expected = difference.sum(dim=0)
+    expected[:3] = torch.rad2deg(expected[:3])
+    torch.testing.assert_close(sums["abs_error"], expected, atol=1e-6, rtol=1e-5)
+    truth = labels.abs().reshape(-1, 6).double().sum(dim=0)
+    truth[:3] = torch.rad2deg(truth[:3])
+    torch.testing.assert_close(sums["abs_true"], truth, atol=1e-6, rtol=1e-5)
+    assert sums["pairs"] == 2 and sums["sign_scored"] == 0  # no out-of-plane prediction to score

@@ -54,13 +54,15 @@ def plot_drift(frame_errors, path, title: str = "", ylabel: str = "mean pixel er
     _save(fig, path)
 
 
-def plot_training_curves(epochs, panels: dict, path, title: str = "") -> None:
+def plot_training_curves(epochs, panels: dict, path, title: str = "", ylabels: dict | None = None,
+                         references: dict | None = None) -> None:
     """Curves against epoch, one panel per entry of ``panels``: ``{panel title: {curve name: values}}``.
 
     NaN points are skipped (e.g. whole-scan figures computed every few epochs); a curve whose name
     ends in ``identity`` is drawn dashed, as the reference a method must beat. Used for a run's
     ``curves.png`` (point distances in one panel, whole-scan GPE/LPE in another: their scales differ
-    by an order of magnitude).
+    by an order of magnitude). ``ylabels`` gives a panel's y label (default mm), ``references`` a
+    horizontal line to draw in a panel (e.g. 1 for ratios to no motion).
     """
     epochs = np.asarray(epochs, dtype=float)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -71,8 +73,10 @@ def plot_training_curves(epochs, panels: dict, path, title: str = "") -> None:
             if keep.any():
                 style = dict(ls="--", lw=1.0) if name.endswith("identity") else dict(marker="o", ms=3, lw=1.2)
                 ax.plot(epochs[keep], values[keep], label=name, **style)
+        if references and panel_title in references:
+            ax.axhline(references[panel_title], color="grey", ls=":", lw=1.0)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("mm")
+        ax.set_ylabel((ylabels or {}).get(panel_title, "mm"))
         ax.set_title(panel_title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -51,6 +51,15 @@ ALLOWED_PRED_LABEL = {
 
 _VALUES_PER_TYPE = {"parameter": 6, "transform": 12, "quaternion": 7}
 
+# The six degrees of freedom of a ``parameter`` vector, in its order, with the unit each is reported
+# in. The image plane is z = 0, so a rotation about z and translations along x and y keep a frame in
+# its plane ("in-plane"); the other three move it out of its plane (elevational motion, which the
+# images show through speckle decorrelation, without its direction).
+DOF_NAMES = ("rz", "ry", "rx", "tx", "ty", "tz")
+DOF_UNITS = ("deg", "deg", "deg", "mm", "mm", "mm")
+IN_PLANE_DOFS = (0, 3, 4)
+OUT_OF_PLANE_DOFS = (1, 2, 5)
+
 
 def check_pred_label(pred_type: str, label_type: str) -> None:
     """Raise ValueError unless ``pred_type`` can be compared with a ``label_type`` label."""
@@ -313,6 +322,30 @@ def matrix_to_label(tform: torch.Tensor, label_type: str, image_points_mm: torch
     if label_type == "transform":
         return tform
     raise ValueError(f"LABEL_TYPE={label_type!r} is not one of {list(LABEL_TYPES)}")
+
+
+def label_to_matrix(values: torch.Tensor, label_type: str, image_points_mm: torch.Tensor) -> torch.Tensor:
+    """Labels (or predictions in the label type) [..., ...] -> image-mm transforms [..., 4, 4].
+
+    The inverse of ``matrix_to_label``: ``parameter`` through ``params_to_matrix``, ``transform`` as
+    is, ``point`` [..., 3, P] through the least-squares rigid fit to ``image_points_mm`` [4, P].
+    """
+    if label_type == "point":
+        return points_to_matrix(values, image_points_mm)
+    if label_type == "parameter":
+        return params_to_matrix(values)
+    if label_type == "transform":
+        return values
+    raise ValueError(f"LABEL_TYPE={label_type!r} is not one of {list(LABEL_TYPES)}")
+
+
+def dof_values(tform: torch.Tensor) -> torch.Tensor:
+    """[..., 4, 4] rigid -> [..., 6] ``DOF_NAMES`` values in ``DOF_UNITS`` (degrees and mm).
+
+    ``matrix_to_params`` with the angles in degrees: the units a person reads per-DOF errors in.
+    """
+    params = matrix_to_params(tform)
+    return torch.cat([torch.rad2deg(params[..., 0:3]), params[..., 3:6]], dim=-1)
 
 
 def labels_from_tforms(

@@ -1,0 +1,168 @@
+"""PatchFlow (models/patch_flow.py): its correlation, sub-pixel peak and rigid fit against independent
+formulas, and the untrained network measuring known motions of synthetic speckle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+import models
+from models.patch_flow import local_soft_argmax, normalised_cross_correlation, weighted_rigid_fit_2d
+from utils import transform as tf
+
+PIXEL_MM = (0.229389190673828, 0.220979690551758)  # the challenge calibration's S
+
+
+def speckle(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Fully developed speckle-like texture: the envelope of smoothed complex noise, float64."""
+    rng = np.random.default_rng(seed)
+    field = rng.normal(size=(height, width)) + 1j * rng.normal(size=(height, width))
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.fftfreq(width)[None, :]
+    psf = np.exp(-(fx**2 + fy**2) / (2 * 0.12**2))  # grains of a few pixels, as at 6 MHz
+    return np.abs(np.fft.ifft2(np.fft.fft2(field) * psf))
+
+
+def fourier_shift(image: np.ndarray, shift_x: float, shift_y: float) -> np.ndarray:
+    """``image`` moved by a (sub-pixel) shift: out(u) = image(u - shift), band-limited and exact."""
+    fy = np.fft.fftfreq(image.shape[0])[:, None]
+    fx = np.fft.fftfreq(image.shape[1])[None, :]
+    phase = np.exp(-2j * np.pi * (fx * shift_x + fy * shift_y))
+    return np.real(np.fft.ifft2(np.fft.fft2(image) * phase))
+
+
+def test_correlation_peaks_at_the_integer_shift_with_value_one():
+    image = torch.from_numpy(speckle(128, 128))
+    size, radius = 64, 8
+    fixed = image[30:30 + size, 40:40 + size]
+    # B's content at u is A's at u + (dx, dy): B(u) = image[30 + dy + u_y, 40 + dx + u_x] = A(u + d).
+    dx, dy = 3, -5
+    moving = image[30 + dy:30 + dy + size, 40 + dx:40 + dx + size]
+    surface = normalised_cross_correlation(moving[None], fixed[None], radius)[0]
+    row, col = divmod(int(surface.argmax()), 2 * radius + 1)
+    assert (col - radius, row - radius) == (dx, dy)
+    assert float(surface.max()) == pytest.approx(1.0, abs=1e-4)  # the 1e-6 guards against 0 / 0
+    assert float(surface.min()) >= -1 - 1e-6
+
+
+def test_local_soft_argmax_finds_a_sub_pixel_peak():
+    radius = 6
+    shifts = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    grid_y, grid_x = torch.meshgrid(shifts, shifts, indexing="ij")
+    grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+    peaks = torch.tensor([[1.3, -2.2], [0.0, 0.0], [-3.45, 4.1]], dtype=torch.float64)
+    # Gaussian log-scores of width 0.5 px: their softmax is a sampled Gaussian whose mean is the peak.
+    logits = -((grid_x[None] - peaks[:, 0, None, None]) ** 2 + (grid_y[None] - peaks[:, 1, None, None]) ** 2) / 0.5
+    found = local_soft_argmax(logits, grid, reach=2)
+    # A Gaussian this narrow sampled at integers has a mean a few hundredths off its peak; integer
+    # (arg)max would be off by up to 0.5.
+    assert_close(found, peaks, atol=0.03, rtol=0)
+
+
+def test_local_soft_argmax_stays_inside_the_map_at_its_edge():
+    radius = 4
+    shifts = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    grid_y, grid_x = torch.meshgrid(shifts, shifts, indexing="ij")
+    grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+    logits = torch.full((1, 9, 9), -10.0)
+    logits[0, 0, 8] = 10.0  # the corner shift (x=+4, y=-4)
+    found = local_soft_argmax(logits, grid, reach=2)
+    assert_close(found, torch.tensor([[4.0, -4.0]]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_rigid_fit_recovers_an_in_plane_transform_exactly(seed):
+    generator = torch.Generator().manual_seed(seed)
+    batch, count = 4, 9
+    points = torch.rand(batch, count, 2, generator=generator, dtype=torch.float64) * 140
+    angle = (torch.rand(batch, generator=generator, dtype=torch.float64) - 0.5) * 0.2
+    translation = (torch.rand(batch, 2, generator=generator, dtype=torch.float64) - 0.5) * 6
+    zero = torch.zeros(batch, dtype=torch.float64)
+    params = torch.stack([angle, zero, zero, translation[:, 0], translation[:, 1], zero], dim=1)
+    homogeneous = torch.cat([points, torch.zeros(batch, count, 1, dtype=torch.float64),
+                             torch.ones(batch, count, 1, dtype=torch.float64)], dim=-1)
+    # Independent reference: the conventions module's matrix moves the points.
+    targets = (tf.params_to_matrix(params) @ homogeneous.transpose(1, 2)).transpose(1, 2)[..., :2]
+    weights = torch.rand(batch, count, generator=generator, dtype=torch.float64)
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    found_angle, found_translation = weighted_rigid_fit_2d(points, targets, weights)
+    assert_close(found_angle, angle, atol=1e-12, rtol=0)
+    assert_close(found_translation, translation, atol=1e-10, rtol=0)
+
+
+def test_weighted_rigid_fit_ignores_a_point_of_zero_weight():
+    points = torch.tensor([[[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [50.0, 50.0]]], dtype=torch.float64)
+    targets = points + torch.tensor([1.0, 2.0], dtype=torch.float64)
+    targets[0, 3] += 30.0  # an outlier
+    weights = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]], dtype=torch.float64)
+    angle, translation = weighted_rigid_fit_2d(points, targets, weights)
+    assert abs(float(angle)) < 1e-12
+    assert_close(translation, torch.tensor([[1.0, 2.0]], dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def _untrained(**kwargs):
+    model = models.build_model("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM), **kwargs)
+    model.init_at_identity()
+    return model.eval()
+
+
+@pytest.mark.parametrize(("shift_x", "shift_y"), [(0.0, 0.0), (1.4, -0.6), (-2.25, 3.5)])
+def test_untrained_network_measures_a_known_translation(shift_x, shift_y):
+    """Frame B is frame A moved by (-dx, -dy) pixels, so B's content at u is A's at u + (dx, dy):
+    ``T_{A<-B}`` is a translation by (dx * S_x, dy * S_y) mm and no rotation. Untrained, the
+    soft-argmax leans towards the integer peak by up to ~0.2 px (training removes that); a sign or
+    axis mix-up, or a pixel size applied to the wrong axis, is off by far more."""
+    image = speckle(240, 320, seed=1)
+    frame_a = image
+    frame_b = fourier_shift(image, -shift_x, -shift_y)
+    pair = np.stack([frame_a, frame_b])
+    pair = (pair - pair.min()) / (pair.max() - pair.min())
+    with torch.no_grad():
+        out = _untrained(num_patches=16)(torch.from_numpy(pair).float()[None])
+    assert out.shape == (1, 6)
+    assert abs(math.degrees(float(out[0, 0]))) < 0.02
+    assert float(out[0, 3]) == pytest.approx(shift_x * PIXEL_MM[0], abs=0.25 * PIXEL_MM[0])
+    assert float(out[0, 4]) == pytest.approx(shift_y * PIXEL_MM[1], abs=0.25 * PIXEL_MM[1])
+
+
+def test_predicts_no_out_of_plane_motion_at_any_frame_size():
+    model = _untrained()
+    for height, width in ((480, 640), (616, 820), (96, 128)):
+        frames = torch.rand(3, 2, height, width)
+        with torch.no_grad():
+            out = model(frames)
+        assert out.shape == (3, 6)
+        assert torch.isfinite(out).all()
+        assert (out[:, list(tf.OUT_OF_PLANE_DOFS)] == 0).all()
+
+
+def test_black_frames_give_no_motion():
+    """Nothing to match (e.g. frames outside the sector): the tie-breaking prior picks no shift."""
+    with torch.no_grad():
+        out = _untrained()(torch.zeros(2, 2, 240, 320))
+    assert_close(out, torch.zeros(2, 6), atol=1e-6, rtol=0)
+
+
+def test_model_args_carry_the_pixel_size_and_rebuild_it():
+    args = models.model_args("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM))
+    assert args == {"name": "patch_flow", "in_frames": 2, "pred_dim": 6, "kwargs": {"pixel_mm": list(PIXEL_MM)}}
+    model = models.build_from_args(args)
+    assert_close(model.pixel_mm, torch.tensor(PIXEL_MM))
+    assert models.model_args("resnet18", 2, 6) == {"name": "resnet18", "in_frames": 2, "pred_dim": 6}
+
+
+def test_bad_patch_flow_arguments_are_refused():
+    with pytest.raises(ValueError, match="takes no argument"):
+        models.build_model("patch_flow", 2, 6, pixel_size=[0.2, 0.2])
+    with pytest.raises(ValueError, match="NUM_SAMPLES=2"):
+        models.build_model("patch_flow", 4, 18)
+    with pytest.raises(ValueError, match="pixel_mm"):
+        models.build_model("patch_flow", 2, 6, pixel_mm=[0.2, -1.0])
+    with pytest.raises(ValueError, match="radius"):
+        models.build_model("patch_flow", 2, 6, radius=20)
+    with pytest.raises(ValueError, match="kwargs"):
+        models.build_from_args({"name": "patch_flow", "in_frames": 2, "pred_dim": 6, "kwargs": [1]})
