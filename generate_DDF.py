@@ -6,6 +6,8 @@ Usage::
     python generate_DDF.py --ckpt best.pt --split val --plots                         # validation fold, plots
     python generate_DDF.py --ckpt best.pt --data_path ../shared/realdata/plus_bone_l14  # another dataset
     python generate_DDF.py --ckpt best.pt --save_ddfs                                 # also the four DDFs
+    python generate_DDF.py --method speckle --data_path data/demo10                   # no network: the floor
+    python generate_DDF.py --method speckle --data_path data/demo10 --speckle_sign continuity
 
 For every scan of the split: the checkpoint's network predicts every frame's transform (many
 windows per forward pass, the model loaded once), the ground truth comes from the tracker poses, and
@@ -17,8 +19,22 @@ The split comes from the checkpoint's folds (``--split test|val|all``); a datase
 are not in those folds (another dataset, e.g. the real PLUS scans or the challenge's validation
 set in the ``dataset_keys.h5`` layout) is evaluated whole, with a message saying so.
 
-Output folder (default ``<checkpoint's folder>/generate-<split>[-<dataset>]/``; a re-run replaces it
-as a whole, built beside it and swapped in when complete)::
+``--method speckle`` replaces the network by classical speckle tracking (``utils.speckle``: patch
+correlation in-plane, decorrelation out-of-plane, no learned weights), the floor every learned model
+must beat. It needs ``--data_path`` and no checkpoint; the split is the baseline's of that dataset's
+subjects (``subject_folds(subjects, 5, 4)``: folds 0-2 train, 3 val, 4 test, as ``train.py`` splits
+by default); the decorrelation curve is calibrated on the training folds (the first 300 frames of
+each scan, or read from ``--speckle_calibration``) and written into the output folder as
+``speckle_calibration.json``.
+``--speckle_sign`` chooses how the out-of-plane direction, which decorrelation does not give, is
+set (``zero``: not predicted, the default); ``scores.csv`` then also counts the pairs that truly move
+out of plane (``oop_moving_pairs``, more than 0.1 mm RMS over the image), those of them given a
+direction (``oop_sign_counted``) and those given the right one (``oop_sign_agree``). Scored exactly
+like the network: same tables, files and plots.
+
+Output folder (default ``<checkpoint's folder>/generate-<split>[-<dataset>]/``, for the speckle
+method ``results/speckle-<dataset>-<split>-<sign rule>/``; a re-run replaces it as a whole, built
+beside it and swapped in when complete)::
 
     scores.csv     one row per scan: errors, identity errors, scores, runtime_s, ddf_s, ...
     summary.csv    mean and std of every figure over all scans, and per protocol (rotation / sweep)
@@ -26,6 +42,7 @@ as a whole, built beside it and swapped in when complete)::
     tables.txt     the printed tables;  log.txt  the log
     plots/         --plots: <subject>_<scan>_trajectory.png (frame corners in 3D) and _drift.png
     ddfs/          --save_ddfs: <subject>_<scan>.h5 with the predicted GP, GL, LP, LL (streamed)
+    speckle_calibration.json   --method speckle: the decorrelation curve used (readable again)
 
 Scans without landmarks have GLE, LLE and the scores built on them absent (NaN, printed as
 ``absent``), never zero.
@@ -34,6 +51,7 @@ Scans without landmarks have GLE, LLE and the scores built on them absent (NaN, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -46,9 +64,9 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils import metrics
+from utils import metrics, speckle
 from utils.calibration import load_calibration
-from utils.challenge_data import CALIB_FILE, ScanRef, find_scans
+from utils.challenge_data import CALIB_FILE, ScanFile, ScanRef, find_scans, read_scan
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.evaluation import (
     PredictionSettings,
@@ -59,24 +77,47 @@ from utils.evaluation import (
     prepare_model_for_inference,
     replaced_folder,
     results_table,
+    score_prediction,
     summary_table,
     write_metrics_h5,
     write_prediction_ddfs,
 )
-from utils.training_data import resolve_data_root, scans_of_folds
+from utils.training_data import (
+    DEFAULT_NUM_FOLDS,
+    DEFAULT_SPLIT_SEED,
+    TEST_FOLDS,
+    TRAIN_FOLDS,
+    VAL_FOLDS,
+    resolve_data_root,
+    scans_of_folds,
+    subject_folds,
+)
 
 log = logging.getLogger("generate_DDF")
 
 REPO_ROOT = Path(__file__).resolve().parent
 SPLITS = ("test", "val", "all")
+METHODS = ("network", "speckle")
+# Pairs with less true out-of-plane motion than this (RMS over the image, mm) have no direction to get
+# right: the speckle method's sign accuracy leaves them out.
+SIGN_MIN_RMS_MM = 0.1
+# The speckle curve is calibrated on the first frames of each training scan: it needs many patch
+# samples, not whole scans (15 s of a 20 fps scan gives ~300 pairs x ~100 patches; a whole 1500-frame
+# scan would cost ~1.5 min of matching on 2 cores, ~2.5 h for the 2025 training set).
+SPECKLE_CALIBRATION_FRAMES = 300
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", type=Path, required=True,
-                        help="checkpoint written by train.py (best.pt / last.pt); options and model come from it")
+    parser.add_argument("--method", choices=METHODS, default="network",
+                        help="network: a checkpoint's pose network (default); speckle: classical speckle tracking, "
+                             "no learned weights (needs --data_path, no --ckpt)")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="--method network (required): checkpoint written by train.py (best.pt / last.pt); "
+                             "options and model come from it")
     parser.add_argument("--data_path", type=Path, default=None,
-                        help="dataset root in either layout (default: the checkpoint's data_path)")
+                        help="dataset root in either layout (default: the checkpoint's data_path; required for "
+                             "--method speckle)")
     parser.add_argument("--calib_file", type=Path, default=None,
                         help=f"calibration CSV (default: <data_path>/{CALIB_FILE})")
     parser.add_argument("--split", choices=SPLITS, default="test",
@@ -95,6 +136,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="windows per forward pass (default: tuned per device and frame size)")
     parser.add_argument("--num_threads", type=int, default=None,
                         help="CPU threads for the network (default: torch's, one per core)")
+    parser.add_argument("--speckle_calibration", type=Path, default=None,
+                        help="--method speckle: a speckle_calibration.json to use instead of calibrating the "
+                             "decorrelation curve on the dataset's training folds")
+    parser.add_argument("--speckle_sign", choices=speckle.SIGN_RULES, default=speckle.SIGN_ZERO,
+                        help="--method speckle: out-of-plane direction rule; zero (default) predicts no "
+                             "out-of-plane motion, continuity keeps the direction and reverses it after each stop")
     return parser
 
 
@@ -189,12 +236,36 @@ def _eta(done: int, total: int, elapsed: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
+def check_method_arguments(args) -> None:
+    """Raise ValueError naming the flag unless the flags fit ``--method``."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: expected a positive integer")
+    if args.method == "network":
+        if args.ckpt is None:
+            raise ValueError("--method network needs --ckpt (a checkpoint written by train.py); "
+                             "use --method speckle --data_path DATA for the method without learned weights")
+        given = [flag for flag, value in (("--speckle_calibration", args.speckle_calibration),
+                                          ("--speckle_sign", args.speckle_sign != speckle.SIGN_ZERO)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --method speckle")
+        return
+    if args.data_path is None:
+        raise ValueError("--method speckle needs --data_path, the dataset root whose scans it predicts "
+                         "(and whose training folds calibrate it)")
+    given = [flag for flag, value in (("--ckpt", args.ckpt), ("--batch_size", args.batch_size)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply to --method network")
+    if args.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {args.device}: --method speckle runs on the CPU; use --device cpu or auto")
+
+
 def main(argv=None) -> tuple[Path, pd.DataFrame]:
     """Run the evaluation; returns ``(output folder, summary table)`` (``utils.evaluation.summary_table``)."""
     args = get_args_parser().parse_args(argv)
     _setup_logging()
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch_size {args.batch_size}: expected a positive integer")
+    check_method_arguments(args)
+    if args.method == "speckle":
+        return main_speckle(args)
     device = resolve_device(args.device)
     if device.type == "cpu":
         configure_cpu_inference(args.num_threads)
@@ -219,48 +290,171 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
     model = prepare_model_for_inference(model_from_checkpoint(checkpoint, device), device)
     model_name = checkpoint["model_args"].get("name")
     del checkpoint  # the optimiser state is not needed and can be as large as the model
+    interactive = sys.stderr.isatty()
+
+    def evaluate(ref: ScanRef):
+        # evaluate_scan raises on a non-finite prediction before anything of the scan is written.
+        return evaluate_scan(model, settings, ref, calibration, device, progress=interactive)
+
+    with replaced_folder(out_dir) as staging, _log_to(staging / "log.txt"):
+        log.info("checkpoint %s: %s, PRED_TYPE=%s, NUM_SAMPLES=%d, NUM_PRED=%d, downsample=%d", args.ckpt,
+                 model_name, settings.pred_type, settings.num_samples, settings.num_pred, settings.downsample)
+        log.info("data %s: %d scans (%s split) on %s (%d CPU threads) -> %s", data_root, len(refs), split,
+                 device, torch.get_num_threads(), out_dir)
+        results = _evaluate_all(evaluate, refs, staging, np.array(calibration.scale), args)
+        table, summary, text = _write_tables(staging, results, attrs={
+            "checkpoint": str(Path(args.ckpt).resolve()), "data_path": str(data_root), "split": split,
+            "device": str(device), "model": model_name, "pred_type": settings.pred_type,
+            "num_samples": settings.num_samples, "num_pred": settings.num_pred,
+            "downsample": settings.downsample})
+    _print_report(out_dir, table, text, args)
+    return out_dir, summary
+
+
+# --------------------------------------------------------------------------------------------
+# --method speckle
+# --------------------------------------------------------------------------------------------
+
+
+def speckle_split(refs: list[ScanRef], split: str) -> tuple[list[ScanRef], list[ScanRef]]:
+    """``(training scans, scans of split)`` under the baseline's split of the dataset's own subjects.
+
+    ``subject_folds(sorted subjects, 5, 4)``: folds 0-2 train, 3 validation, 4 test, the split
+    ``train.py`` makes with its default options. ``all`` is every scan (the training ones included).
+    Raises ValueError (from ``subject_folds``) for a dataset of fewer than 5 subjects.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+    subjects = sorted({ref.subject for ref in refs})
+    try:
+        folds = subject_folds(subjects, DEFAULT_NUM_FOLDS, DEFAULT_SPLIT_SEED)
+    except ValueError as error:
+        raise ValueError(f"--method speckle splits the dataset's subjects like train.py: {error}") from None
+    train = scans_of_folds(refs, folds, TRAIN_FOLDS)
+    if split == "all":
+        return train, list(refs)
+    return train, scans_of_folds(refs, folds, TEST_FOLDS if split == "test" else VAL_FOLDS)
+
+
+def default_speckle_out_dir(data_root: Path, split: str, sign_rule: str) -> Path:
+    """``<repository>/results/speckle-<dataset folder name>-<split>-<sign rule>``."""
+    return REPO_ROOT / "results" / f"speckle-{Path(data_root).resolve().name}-{split}-{sign_rule}"
+
+
+def main_speckle(args) -> tuple[Path, pd.DataFrame]:
+    """``--method speckle``: calibrate (or read) the decorrelation curve, predict and score the split."""
+    data_root = resolve_data_root(args.data_path)
+    calibration = load_calibration(args.calib_file or data_root / CALIB_FILE)
+    curve = None
+    if args.speckle_calibration is not None:
+        curve = speckle.SpeckleCalibration.load(args.speckle_calibration)  # fails before any work
+        curve.check_pixel_size(calibration.scale)
+    train, refs = speckle_split(find_scans(data_root), args.split)
+    out_dir = Path(args.out) if args.out is not None else default_speckle_out_dir(data_root, args.split,
+                                                                                  args.speckle_sign)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     scale = np.array(calibration.scale)
-    with replaced_folder(out_dir) as staging:
-        file_handler = logging.FileHandler(staging / "log.txt", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(file_handler)
-        try:
-            log.info("checkpoint %s: %s, PRED_TYPE=%s, NUM_SAMPLES=%d, NUM_PRED=%d, downsample=%d", args.ckpt,
-                     model_name, settings.pred_type, settings.num_samples, settings.num_pred, settings.downsample)
-            log.info("data %s: %d scans (%s split) on %s (%d CPU threads) -> %s", data_root, len(refs), split,
-                     device, torch.get_num_threads(), out_dir)
-            results = _evaluate_all(model, settings, refs, calibration, device, staging, scale, args)
-            table = results_table(results)
-            summary = summary_table(table)
-            metrics.write_csv(table, staging / "scores.csv")
-            metrics.write_csv(summary, staging / "summary.csv", index=True)
-            write_metrics_h5(staging / "metrics.h5", table, results, attrs={
-                "checkpoint": str(Path(args.ckpt).resolve()), "data_path": str(data_root), "split": split,
-                "device": str(device), "model": model_name, "pred_type": settings.pred_type,
-                "num_samples": settings.num_samples, "num_pred": settings.num_pred,
-                "downsample": settings.downsample})
-            text = format_tables(table, summary)
-            (staging / "tables.txt").write_text(text + "\n", encoding="utf-8")
-        finally:
-            log.removeHandler(file_handler)
-            file_handler.close()
+
+    def evaluate(ref: ScanRef):
+        scan = read_scan(ref)
+        global_pred, local_pred, seconds = speckle.predict_scan_speckle(scan.frames, scale, curve, args.speckle_sign)
+        result = score_prediction(ref, scan, calibration, global_pred, local_pred, seconds)
+        agree, counted, moving = speckle.out_of_plane_sign_accuracy(
+            local_pred, result.local_true, scale, *result.frame_size, min_rms_mm=SIGN_MIN_RMS_MM)
+        result.extra_columns.update(oop_sign_agree=agree, oop_sign_counted=counted, oop_moving_pairs=moving)
+        return result
+
+    with replaced_folder(out_dir) as staging, _log_to(staging / "log.txt"):
+        if curve is None:
+            log.info("calibrating the speckle decorrelation curve on the %d scans of the training folds %s",
+                     len(train), list(TRAIN_FOLDS))
+            started = time.perf_counter()
+            curve = speckle.calibrate(
+                _first_frames(train, SPECKLE_CALIBRATION_FRAMES), scale, calibration.calib_R_T,
+                source=f"{data_root}: training folds {list(TRAIN_FOLDS)} of subject_folds(subjects, "
+                       f"{DEFAULT_NUM_FOLDS}, {DEFAULT_SPLIT_SEED}), {len(train)} scans, at most "
+                       f"{SPECKLE_CALIBRATION_FRAMES} first frames each")
+            log.info("calibrated in %.1f s", time.perf_counter() - started)
+        curve.save(staging / speckle.CALIBRATION_FILE)
+        log.info("speckle: depth bands %s mm, sigma %s mm, rho0 %s, stop threshold %.3f mm, initial sign %+d",
+                 _numbers(curve.band_edges_mm, 0), _numbers(curve.sigma_mm, 2), _numbers(curve.rho0, 3),
+                 curve.stop_threshold_mm, curve.initial_sign)
+        log.info("data %s: %d scans (%s split), sign rule %s, %d CPU threads -> %s", data_root, len(refs),
+                 args.split, args.speckle_sign, torch.get_num_threads(), out_dir)
+        results = _evaluate_all(evaluate, refs, staging, scale, args)
+        table, summary, text = _write_tables(staging, results, attrs={
+            "method": "speckle", "data_path": str(data_root), "split": args.split, "device": "cpu",
+            "sign_rule": args.speckle_sign, "speckle_calibration": str(args.speckle_calibration or "")})
+        agree, counted, moving = (int(table[name].sum()) for name in
+                                  ("oop_sign_agree", "oop_sign_counted", "oop_moving_pairs"))
+        accuracy = (f"{agree / counted:.3f} ({agree} of the {counted} pairs given a direction)" if counted else
+                    "not defined: the rule gives no direction")
+        text += (f"\n\nOut-of-plane sign accuracy of the {args.speckle_sign!r} rule: {accuracy}; among the {moving} "
+                 f"pairs with more than {SIGN_MIN_RMS_MM} mm RMS true out-of-plane motion over the image")
+        (staging / "tables.txt").write_text(text + "\n", encoding="utf-8")
+    _print_report(out_dir, table, text, args)
+    return out_dir, summary
+
+
+def _first_frames(refs: list[ScanRef], count: int):
+    """Yield ``(frames uint8 [n, H, W], tforms [n, 4, 4])`` of the first ``n <= count`` frames of each scan."""
+    for ref in refs:
+        with ScanFile(ref) as scan_file:
+            stop = min(count, scan_file.num_frames)
+            yield scan_file.read_frames(slice(0, stop)), scan_file.read_tforms()[:stop]
+
+
+def _numbers(values, digits: int) -> str:
+    return "[" + ", ".join(f"{value:.{digits}f}" for value in values) + "]"
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by both methods
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """Also log to ``path`` while the block runs."""
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(file_handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(file_handler)
+        file_handler.close()
+
+
+def _write_tables(staging: Path, results: list, attrs: dict) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """scores.csv, summary.csv, metrics.h5 and tables.txt into ``staging``; returns (table, summary, text)."""
+    table = results_table(results)
+    summary = summary_table(table)
+    metrics.write_csv(table, staging / "scores.csv")
+    metrics.write_csv(summary, staging / "summary.csv", index=True)
+    write_metrics_h5(staging / "metrics.h5", table, results, attrs=attrs)
+    text = format_tables(table, summary)
+    (staging / "tables.txt").write_text(text + "\n", encoding="utf-8")
+    return table, summary, text
+
+
+def _print_report(out_dir: Path, table: pd.DataFrame, text: str, args) -> None:
     print("\n" + text)
     if table["GLE"].isna().any():
         print("(landmark errors and the scores built on them are absent where a scan has no landmarks)")
     print(f"\nResults: {out_dir} (scores.csv, summary.csv, metrics.h5)"
           + (f"; plots: {out_dir / 'plots'}" if args.plots else "")
           + (f"; DDFs: {out_dir / 'ddfs'}" if args.save_ddfs else ""))
-    return out_dir, summary
 
 
-def _evaluate_all(model, settings, refs, calibration, device, staging: Path, scale, args) -> list:
+def _evaluate_all(evaluate, refs, staging: Path, scale, args) -> list:
+    """``evaluate(ref) -> ScanResult`` for every scan, then its DDFs and plots into ``staging`` as asked."""
     results = []
     started = time.perf_counter()
-    interactive = sys.stderr.isatty()
     with logging_redirect_tqdm():
         for index, ref in enumerate(tqdm(refs, desc="scans", unit="scan", disable=None)):
-            # evaluate_scan raises on a non-finite prediction before anything of the scan is written.
-            result = evaluate_scan(model, settings, ref, calibration, device, progress=interactive)
+            result = evaluate(ref)
             if args.save_ddfs:
                 suffix = ".h5" if args.ddf_format == "h5" else ""
                 write_prediction_ddfs(result, scale, staging / "ddfs" / f"{result.stem}{suffix}", fmt=args.ddf_format)

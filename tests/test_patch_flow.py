@@ -166,3 +166,36 @@ def test_bad_patch_flow_arguments_are_refused():
         models.build_model("patch_flow", 2, 6, radius=20)
     with pytest.raises(ValueError, match="kwargs"):
         models.build_from_args({"name": "patch_flow", "in_frames": 2, "pred_dim": 6, "kwargs": [1]})
+
+
+def test_whole_scan_prediction_batches_patch_flow_by_its_own_size():
+    """Its cost per window is a fixed number of patches: the frame-size rule made for convnets
+    (2 windows per pass at 480x640) would make per-call overheads dominate."""
+    from utils.evaluation import CPU_BATCH_SIZE_BY_MODEL, PredictionSettings
+
+    options = {"pred_type": "parameter", "num_samples": 2, "num_pred": 1, "model_name": "patch_flow"}
+    settings = PredictionSettings.from_options(options)
+    assert settings.resolved_batch_size("cpu", 480, 640) == CPU_BATCH_SIZE_BY_MODEL["patch_flow"] > 2
+    assert settings.resolved_batch_size("cuda", 480, 640) == 32  # the options' inference_batch_size default
+    baseline = PredictionSettings.from_options({**options, "model_name": "efficientnet_b1"})
+    assert baseline.resolved_batch_size("cpu", 480, 640) == 2
+
+
+def test_untrained_network_predicts_a_simulated_scan_better_than_no_motion(tmp_path):
+    """On a real-size simulated scan, block matching alone already recovers in-plane motion: the
+    whole-scan local error is below no motion's (training only refines this)."""
+    from simulation.dataset import generate_dataset
+    from utils.calibration import load_calibration
+    from utils.challenge_data import find_scans
+    from utils.evaluation import PredictionSettings, evaluate_scan
+
+    generate_dataset(tmp_path, "demo", seed=4, subjects=1, frames=30)
+    calibration = load_calibration(tmp_path / "calib_matrix.csv")
+    scale = np.array(calibration.scale)
+    model = models.build_model("patch_flow", 2, 6, pixel_mm=[float(scale[0, 0]), float(scale[1, 1])])
+    model.init_at_identity()
+    settings = PredictionSettings.from_options({"pred_type": "parameter", "num_samples": 2, "num_pred": 1,
+                                                "model_name": "patch_flow"})
+    for ref in find_scans(tmp_path):
+        result = evaluate_scan(model, settings, ref, calibration, "cpu")
+        assert result.errors["LPE"] < result.identity_errors["LPE"]

@@ -69,6 +69,10 @@ _SWEEP_NAME = re.compile(r"^(LH|RH)_(Par|Per)_(L|C|S)_(DtP|PtD)$")
 # up to 16, then slower: at that size one window already fills the caches and bigger batches only
 # add memory traffic). Two threads beat one at every size. Keys are upper bounds on H*W.
 CPU_BATCH_SIZES = ((200 * 200, 16), (320 * 480, 4), (math.inf, 2))
+# Networks whose cost per window does not grow with the frame size (a fixed number of patches):
+# windows per forward pass on a CPU. patch_flow on 2 cores at 480x640: 0.17 s per pair at batch 2,
+# 0.04 at 16 (per-call overheads dominate small batches).
+CPU_BATCH_SIZE_BY_MODEL = {"patch_flow": 32}
 
 # glibc malloc options (mallopt parameter numbers from malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -119,6 +123,8 @@ class PredictionSettings:
             training options' ``inference_batch_size``).
         amp_dtype: ``"bfloat16"`` / ``"float16"`` for autocast on CUDA (the training options' ``amp``
             and ``amp_dtype``), None for full precision. Never used on the CPU.
+        cpu_batch_size: windows per forward pass on a CPU when ``batch_size`` is None; None chooses
+            by frame size (``CPU_BATCH_SIZES``), a number is the model's own (``CPU_BATCH_SIZE_BY_MODEL``).
     """
 
     pred_type: str = "parameter"
@@ -128,6 +134,7 @@ class PredictionSettings:
     batch_size: int | None = None
     cuda_batch_size: int = 32
     amp_dtype: str | None = None
+    cpu_batch_size: int | None = None
 
     def __post_init__(self):
         if self.pred_type not in tf.PRED_TYPES:
@@ -155,6 +162,7 @@ class PredictionSettings:
             batch_size=batch_size,
             cuda_batch_size=int(_option(options, "inference_batch_size", 32) or 32),
             amp_dtype=str(_option(options, "amp_dtype", "bfloat16")) if amp else None,
+            cpu_batch_size=CPU_BATCH_SIZE_BY_MODEL.get(_option(options, "model_name")),
         )
 
     def network_frame_size(self, height: int, width: int) -> tuple[int, int]:
@@ -165,6 +173,8 @@ class PredictionSettings:
         """Windows per forward pass for original frames of ``height`` x ``width`` on ``device``."""
         if self.batch_size is not None:
             return int(self.batch_size)
+        if self.cpu_batch_size is not None and torch.device(device).type == "cpu":
+            return int(self.cpu_batch_size)
         return default_batch_size(device, *self.network_frame_size(height, width), cuda_batch_size=self.cuda_batch_size)
 
     def torch_amp_dtype(self, device) -> torch.dtype | None:
@@ -352,6 +362,8 @@ class ScanResult:
         runtime_s: seconds to predict all positions (see the module docstring).
         ddf_s: seconds to produce the four predicted DDFs, NaN where they were not produced.
         batch_size: windows per forward pass used.
+        extra_columns: method-specific figures appended to the scan's row of ``scores.csv`` (e.g. the
+            speckle method's out-of-plane sign counts).
     """
 
     ref: ScanRef
@@ -370,6 +382,7 @@ class ScanResult:
     runtime_s: float
     ddf_s: float = math.nan
     batch_size: int = 0
+    extra_columns: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -388,7 +401,7 @@ class ScanResult:
             key=self.ref.key, protocol=self.protocol, num_frames=self.num_frames, height=height, width=width,
             num_landmarks=0 if self.landmarks is None else len(self.landmarks),
             frames_per_s=(self.num_frames - 1) / self.runtime_s if self.runtime_s > 0 else math.nan,
-            ddf_s=self.ddf_s, batch_size=self.batch_size)
+            ddf_s=self.ddf_s, batch_size=self.batch_size, **self.extra_columns)
 
     def corners(self, scale) -> tuple[np.ndarray, np.ndarray]:
         """Image corners of every frame (frame 0 included) in frame 0's image mm: true and predicted
@@ -454,14 +467,41 @@ def evaluate_scan(model, settings: PredictionSettings, ref: ScanRef, calibration
             scan = _read_poses_only(ref, frames)
     height, width = scan.frame_size
     source_frames = scan.frames if frames is None else frames
-    global_true, local_true = true_transforms(scan.tforms, calibration)
     global_pred, local_pred, seconds = predict_transforms(
         model, source_frames, settings, calibration.scale, device, height=height, width=width, progress=progress)
+    return score_prediction(ref, scan, calibration, global_pred, local_pred, seconds,
+                            batch_size=settings.resolved_batch_size(device, height, width))
+
+
+def score_prediction(ref: ScanRef, scan: Scan, calibration: Calibration, global_pred, local_pred, seconds: float, *,
+                     batch_size: int = 0) -> ScanResult:
+    """Score a scan's predicted transforms, whatever predicted them (a network, speckle tracking, ...).
+
+    Args:
+        ref: the scan's files; scan: its poses and landmarks (``read_scan``; only the frames' shape
+            is used).
+        calibration: the dataset's calibration (original frame size).
+        global_pred, local_pred: float64 [N-1, 4, 4] ``T_{0<-i}`` and ``T_{i-1<-i}`` (image mm).
+        seconds: the method's time to predict all positions of the scan.
+        batch_size: windows per forward pass, where that means something (0 otherwise).
+    Returns:
+        ``ScanResult``. Raises ValueError on a non-finite prediction (before anything is scored) and
+        AssertionError on shapes that are not [N-1, 4, 4].
+    """
+    height, width = scan.frame_size
+    global_pred = torch.as_tensor(global_pred).to("cpu", torch.float64)
+    local_pred = torch.as_tensor(local_pred).to("cpu", torch.float64)
+    expected = (scan.num_frames - 1, 4, 4)
+    for name, value in (("global", global_pred), ("local", local_pred)):
+        if tuple(value.shape) != expected:
+            raise AssertionError(f"predicted {name} transforms have shape {tuple(value.shape)}, expected {expected}")
+    check_finite_transforms(global_pred, local_pred, source=ref.key)
+    global_true, local_true = true_transforms(scan.tforms, calibration)
     errors, identity, scores, frame_global, frame_local = score_transforms(
         global_true, local_true, global_pred, local_pred, np.array(calibration.scale), scan.landmarks, height, width)
     return ScanResult(ref, scan_protocol(ref.name), (height, width), scan.landmarks, global_true, local_true,
                       global_pred, local_pred, errors, identity, scores, frame_global, frame_local, seconds,
-                      batch_size=settings.resolved_batch_size(device, height, width))
+                      batch_size=batch_size)
 
 
 def _read_poses_only(ref: ScanRef, frames) -> Scan:
