@@ -316,15 +316,19 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
 # --------------------------------------------------------------------------------------------
 
 
-def speckle_split(refs: list[ScanRef], split: str) -> tuple[list[ScanRef], list[ScanRef]]:
+def speckle_split(refs: list[ScanRef], split: str, calibrated: bool = False) -> tuple[list[ScanRef], list[ScanRef]]:
     """``(training scans, scans of split)`` under the baseline's split of the dataset's own subjects.
 
     ``subject_folds(sorted subjects, 5, 4)``: folds 0-2 train, 3 validation, 4 test, the split
-    ``train.py`` makes with its default options. ``all`` is every scan (the training ones included).
-    Raises ValueError (from ``subject_folds``) for a dataset of fewer than 5 subjects.
+    ``train.py`` makes with its default options. ``all`` is every scan (the training ones included);
+    with a calibration already made (``calibrated``, e.g. on another dataset's training folds) it
+    needs no split, so a held-out dataset of any number of subjects is scored whole.
+    Raises ValueError (from ``subject_folds``) for a dataset of fewer than 5 subjects otherwise.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+    if split == "all" and calibrated:
+        return [], list(refs)
     subjects = sorted({ref.subject for ref in refs})
     try:
         folds = subject_folds(subjects, DEFAULT_NUM_FOLDS, DEFAULT_SPLIT_SEED)
@@ -349,7 +353,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
     if args.speckle_calibration is not None:
         curve = speckle.SpeckleCalibration.load(args.speckle_calibration)  # fails before any work
         curve.check_pixel_size(calibration.scale)
-    train, refs = speckle_split(find_scans(data_root), args.split)
+    train, refs = speckle_split(find_scans(data_root), args.split, calibrated=curve is not None)
     out_dir = Path(args.out) if args.out is not None else default_speckle_out_dir(data_root, args.split,
                                                                                   args.speckle_sign)
     if args.num_threads is not None:

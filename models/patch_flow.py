@@ -2,19 +2,24 @@
 
 Why this design (issue 11): the motion between two consecutive frames is a fraction of a
 millimetre, about one pixel, and the speckle that carries it is a few pixels wide. Down-sampling a
-whole frame to fit a CPU budget averages that speckle away; a CNN on full-resolution crops keeps it
-at a fraction of the cost. So the network:
+whole frame to fit a CPU budget averages that speckle away; working on full-resolution patches keeps
+it at a fraction of the cost. So the network:
 
-1. cuts ``rows x cols`` square patches of ``patch_size`` pixels from both frames at the same places,
-   spread over the image (at fractions of its height and width, so any frame size works; patches
-   outside the ultrasound sector are black and learn to get no weight), each normalised to zero
-   mean and unit variance (gain does not matter, texture does);
-2. runs one small shared CNN on each 2-channel patch (frame A, frame B), which outputs the patch's
-   in-plane displacement (mm) and a confidence logit, with the patch centre as extra input (the
-   point spread function and the motion both depend on depth);
-3. fits the 2-D rigid motion of the image plane (rotation about the image normal, translation)
+1. picks, per pair, the ``num_patches`` most textured ``patch_size`` squares of frame B (candidates
+   every half patch; the black corners outside the sector, bone shadows and the empty space below
+   the arm have no texture and are taken last), whatever the frame size;
+2. builds a cost volume per patch: the normalised cross-correlation of B's patch centre with A at
+   every integer shift within ``radius`` pixels (FFT-based, no learned weights, no gradient);
+3. a small CNN reads each correlation surface (with the patch's place in the image: the speckle size
+   and the elevational decorrelation depend on depth) and outputs a refinement of the surface,
+   whose local soft-argmax is the sub-pixel displacement, and a confidence, added to the surface's
+   peak correlation times a learned factor;
+4. fits the 2-D rigid motion of the image plane (rotation about the image normal, translation)
    that best moves the patch centres onto their displaced positions, weighted by the softmax of the
    confidences: a closed-form weighted Procrustes fit, differentiable, exact for an in-plane motion.
+
+With the refinement at zero (``init_at_identity``) the network is plain block matching with
+correlation-weighted fitting; training refines the sub-pixel estimate and the weights.
 
 Output: the ``parameter`` prediction ``[a_Z, 0, 0, t_x, t_y, 0]`` of ``T_{A<-B}`` (frame B's image
 mm -> frame A's, rotation about the image mm origin, radians and mm; ``utils.transform``
@@ -27,8 +32,11 @@ A tissue point seen at ``c`` in frame B is seen at ``T_{A<-B} c`` in frame A, so
 per-patch displacement is "where does B's patch content lie in A": a patch of B centred at ``c``
 matches A around ``c + d`` and the fit finds ``R c + t ~ c + d``.
 
-The network is tied to the pixel size it was built for (``pixel_mm``, from the training
-calibration), as any pose network is tied to the image scale it was trained on.
+Displacements are measured in pixels and converted to mm with ``pixel_mm`` (the training
+calibration's by default); whole-scan prediction sets it to the predicted dataset's own pixel size
+(``utils.evaluation.use_scan_pixel_size``), so a dataset with another ``S`` gets its motions in its
+own millimetres. What was learned (the speckle's look at a given depth in pixels) still assumes a
+similar probe and pixel size.
 """
 
 from __future__ import annotations
@@ -39,36 +47,6 @@ import torch
 from torch import nn
 
 from models.registry import register_model
-
-IN_PLANE_PARAMS = (0, 3, 4)  # a_Z, t_x, t_y in the parameter vector [a_Z, a_Y, a_X, t_x, t_y, t_z]
-
-
-def _conv(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-def patch_origins(height: int, width: int, patch_size: int, rows: int, cols: int) -> torch.Tensor:
-    """Top-left corners (0-based row, column) of the patch grid, long [rows * cols, 2], row-major.
-
-    Patch centres sit at fractions ``(i + 0.5) / rows`` of the height and ``(j + 0.5) / cols`` of the
-    width, moved inwards where a patch would cross the border.
-    """
-    if patch_size > min(height, width):
-        raise ValueError(f"patch_size={patch_size} does not fit frames of {height}x{width} pixels")
-    centre_rows = [(i + 0.5) * height / rows for i in range(rows)]
-    centre_cols = [(j + 0.5) * width / cols for j in range(cols)]
-    origins = []
-    for centre_row in centre_rows:
-        for centre_col in centre_cols:
-            top = min(max(int(round(centre_row - patch_size / 2)), 0), height - patch_size)
-            left = min(max(int(round(centre_col - patch_size / 2)), 0), width - patch_size)
-            origins.append((top, left))
-    return torch.tensor(origins, dtype=torch.long)
-
 
 def weighted_rigid_fit_2d(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
     """The 2-D rigid motion ``q ~ R(angle) p + t`` minimising ``sum_k w_k |R p_k + t - q_k|^2``.
@@ -172,12 +150,12 @@ class PatchFlowNet(nn.Module):
     Args:
         pixel_mm: (x, y) pixel size in mm of the input frames (the calibration's S[0,0], S[1,1]).
         patch_size: side of the square patches, pixels.
-        rows, cols: the patch grid.
+        num_patches: the most textured patches of frame B used per pair.
         radius: the largest displacement looked for, pixels (the template is patch_size - 2 radius).
         width: channels of the CNN on the cost volume.
-        jitter: during training, the grid is shifted by up to this fraction of a patch (the same
-            shift for the whole batch): more distinct patches from few scans, and a model that does
-            not depend on exact patch places.
+        jitter: during training, the candidate grid is shifted at random by less than its stride
+            (the same shift for the whole batch): more distinct patches from few scans, and a model
+            that does not depend on exact patch places.
     """
 
     PEAK_REACH = 2  # pixels around the integer peak that the sub-pixel estimate averages over

@@ -199,3 +199,21 @@ def test_untrained_network_predicts_a_simulated_scan_better_than_no_motion(tmp_p
     for ref in find_scans(tmp_path):
         result = evaluate_scan(model, settings, ref, calibration, "cpu")
         assert result.errors["LPE"] < result.identity_errors["LPE"]
+
+
+def test_prediction_converts_pixels_with_the_scanned_data_s_pixel_size():
+    """The same frames predicted under a calibration with twice the pixel size move twice as far in
+    mm (patch_flow measures pixels); the trained pixel size is restored afterwards."""
+    from utils.evaluation import PredictionSettings, predict_transforms
+
+    image = speckle(160, 200, seed=2)
+    frames = np.stack([image, fourier_shift(image, -1.5, 0.0), fourier_shift(image, -3.0, 0.5)])
+    frames = np.round(255 * (frames - frames.min()) / (frames.max() - frames.min())).astype(np.uint8)
+    model = _untrained(num_patches=8)
+    settings = PredictionSettings(pred_type="parameter", num_samples=2, num_pred=1)
+    scale = np.diag([0.2, 0.25, 1.0, 1.0])
+    _, local, _ = predict_transforms(model, frames, settings, scale, "cpu")
+    _, local_double, _ = predict_transforms(model, frames, settings, np.diag([0.4, 0.5, 1.0, 1.0]), "cpu")
+    assert float(local[0, 0, 3]) == pytest.approx(1.5 * 0.2, abs=0.25 * 0.2)
+    torch.testing.assert_close(local_double[:, :3, 3], 2 * local[:, :3, 3], rtol=1e-5, atol=1e-6)
+    assert_close(model.pixel_mm, torch.tensor(PIXEL_MM))

@@ -326,6 +326,14 @@ def test_generate_ddf_speckle_end_to_end(tiny5_root, tmp_path):
     assert speckle.SpeckleCalibration.load(again / speckle.CALIBRATION_FILE) == calibration
     zero = pd.read_csv(again / "scores.csv")
     assert len(zero) == 2 and (zero["oop_sign_counted"] == 0).all() and np.isfinite(zero["GPE"]).all()
+    # A held-out dataset of other subjects (too few to split into folds) is scored whole with a
+    # calibration made on another dataset's training folds.
+    held_out = tmp_path / "held_out"
+    generate_dataset(held_out, "tiny", seed=9, subjects=2)
+    whole, _ = generate_DDF.main(["--method", "speckle", "--data_path", str(held_out), "--out",
+                                  str(tmp_path / "whole"), "--speckle_calibration", str(out / speckle.CALIBRATION_FILE),
+                                  "--split", "all"])
+    assert len(pd.read_csv(whole / "scores.csv")) == 4
 
 
 def test_generate_ddf_bad_input_gives_one_clear_error(tiny5_root, tmp_path):

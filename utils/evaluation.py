@@ -310,6 +310,7 @@ def predict_transforms(model, frames, settings: PredictionSettings, scale, devic
     batch_size = settings.resolved_batch_size(device, height, width)
     was_training = model.training
     model.eval()
+    restore_pixel_size = use_scan_pixel_size(model, scale, settings.downsample)
     try:
         start = time.perf_counter()
         inputs = network_frames(frames, settings, height, width)
@@ -322,12 +323,37 @@ def predict_transforms(model, frames, settings: PredictionSettings, scale, devic
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)
+        restore_pixel_size()
     expected = (num_frames - 1, 4, 4)
     for name, value in (("global", global_pred), ("local", local_pred)):
         if tuple(value.shape) != expected:
             raise AssertionError(f"predicted {name} transforms have shape {tuple(value.shape)}, expected {expected}")
     check_finite_transforms(global_pred, local_pred)
     return global_pred, local_pred, seconds
+
+
+def use_scan_pixel_size(model, scale, downsample: int = 1):
+    """Give a network that measures motion in pixels (``pixel_mm`` buffer, e.g. ``patch_flow``) the
+    pixel size of the scan it predicts; returns a function that puts the trained value back.
+
+    Such a network finds displacements in pixels and converts them to mm with ``pixel_mm``, which
+    defaults to the training calibration's; a dataset with another ``S`` (the real PLUS scans,
+    616x820 at other spacings) would otherwise get motions scaled by the ratio of the two. A no-op
+    for other networks.
+    """
+    pixel_mm = getattr(model, "pixel_mm", None)
+    if not isinstance(pixel_mm, torch.Tensor) or pixel_mm.shape != (2,):
+        return lambda: None
+    trained = pixel_mm.detach().clone()
+    scale = np.asarray(scale, dtype=np.float64)
+    with torch.no_grad():
+        pixel_mm.copy_(torch.tensor([scale[0, 0] * downsample, scale[1, 1] * downsample]))
+
+    def restore() -> None:
+        with torch.no_grad():
+            pixel_mm.copy_(trained)
+
+    return restore
 
 
 def check_finite_transforms(global_pred, local_pred, source: str = "prediction") -> None:
