@@ -625,8 +625,8 @@ def _run(argv, distributed: Distributed) -> TrainResult:
     if distributed.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    log.info("model: %s (%s), %.2f M parameters, %d pairs per window, pred %s, label %s%s",
-             options.model_name, model_args, sum(p.numel() for p in model.parameters()) / 1e6, geometry.num_pairs,
+    log.info("model: %s (%s), %s parameters, %d pairs per window, pred %s, label %s%s",
+             options.model_name, model_args, f"{sum(p.numel() for p in model.parameters()):,}", geometry.num_pairs,
              options.pred_type, options.label_type,
              f", loss weights per DOF {[round(w, 3) for w in geometry.loss_weights.tolist()]}"
              if geometry.loss_weights is not None else "")
