@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +35,7 @@ import generate_DDF
 import train
 from simulation.dataset import generate_dataset
 from utils.challenge_data import CALIB_FILE
+from utils.cli import run_cli
 from utils.run_dir import make_run_dir
 
 log = logging.getLogger("demo")
@@ -125,4 +127,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -68,6 +68,8 @@ from utils import metrics, speckle
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, ScanRef, find_scans, read_scan
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.cli import run_cli
+from utils.errors import InputError
 from utils.evaluation import (
     PredictionSettings,
     configure_cpu_inference,
@@ -156,7 +158,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
     return device
 
 
@@ -165,7 +167,7 @@ def checkpoint_data_root(options: dict) -> Path:
     else relative to the repository."""
     given = options.get("data_path")
     if not given:
-        raise ValueError("the checkpoint's options hold no data_path; pass --data_path")
+        raise InputError("the checkpoint's options hold no data_path; pass --data_path")
     path = Path(given)
     if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
         path = REPO_ROOT / path
@@ -183,7 +185,7 @@ def select_scans(refs: list[ScanRef], checkpoint: dict, split: str, same_root: b
     message.
     """
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+        raise InputError(f"split={split!r} is not one of {list(SPLITS)}")
     if split == "all":
         return list(refs), "all"
     folds = checkpoint.get("folds")
@@ -198,11 +200,11 @@ def select_scans(refs: list[ScanRef], checkpoint: dict, split: str, same_root: b
         return list(refs), "all"
     fold_ids = checkpoint["options"].get(f"{split}_folds")
     if not fold_ids:
-        raise ValueError(f"--split {split}: the checkpoint's options have no {split}_folds; "
+        raise InputError(f"--split {split}: the checkpoint's options have no {split}_folds; "
                          f"use --split {'val' if split == 'test' else 'test'} or --split all")
     selected = scans_of_folds(refs, folds, fold_ids)
     if not selected:
-        raise ValueError(f"--split {split}: folds {fold_ids} hold no scans of this dataset")
+        raise InputError(f"--split {split}: folds {fold_ids} hold no scans of this dataset")
     return selected, split
 
 
@@ -239,24 +241,24 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 def check_method_arguments(args) -> None:
     """Raise ValueError naming the flag unless the flags fit ``--method``."""
     if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch_size {args.batch_size}: expected a positive integer")
+        raise InputError(f"--batch_size {args.batch_size}: expected a positive integer")
     if args.method == "network":
         if args.ckpt is None:
-            raise ValueError("--method network needs --ckpt (a checkpoint written by train.py); "
+            raise InputError("--method network needs --ckpt (a checkpoint written by train.py); "
                              "use --method speckle --data_path DATA for the method without learned weights")
         given = [flag for flag, value in (("--speckle_calibration", args.speckle_calibration),
                                           ("--speckle_sign", args.speckle_sign != speckle.SIGN_ZERO)) if value]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply to --method speckle")
+            raise InputError(f"{', '.join(given)} only apply to --method speckle")
         return
     if args.data_path is None:
-        raise ValueError("--method speckle needs --data_path, the dataset root whose scans it predicts "
+        raise InputError("--method speckle needs --data_path, the dataset root whose scans it predicts "
                          "(and whose training folds calibrate it)")
     given = [flag for flag, value in (("--ckpt", args.ckpt), ("--batch_size", args.batch_size)) if value is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} only apply to --method network")
+        raise InputError(f"{', '.join(given)} only apply to --method network")
     if args.device not in ("auto", "cpu"):
-        raise ValueError(f"--device {args.device}: --method speckle runs on the CPU; use --device cpu or auto")
+        raise InputError(f"--device {args.device}: --method speckle runs on the CPU; use --device cpu or auto")
 
 
 def main(argv=None) -> tuple[Path, pd.DataFrame]:
@@ -326,14 +328,14 @@ def speckle_split(refs: list[ScanRef], split: str, calibrated: bool = False) -> 
     Raises ValueError (from ``subject_folds``) for a dataset of fewer than 5 subjects otherwise.
     """
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+        raise InputError(f"split={split!r} is not one of {list(SPLITS)}")
     if split == "all" and calibrated:
         return [], list(refs)
     subjects = sorted({ref.subject for ref in refs})
     try:
         folds = subject_folds(subjects, DEFAULT_NUM_FOLDS, DEFAULT_SPLIT_SEED)
     except ValueError as error:
-        raise ValueError(f"--method speckle splits the dataset's subjects like train.py: {error}") from None
+        raise InputError(f"--method speckle splits the dataset's subjects like train.py: {error}") from None
     train = scans_of_folds(refs, folds, TRAIN_FOLDS)
     if split == "all":
         return train, list(refs)
@@ -480,4 +482,4 @@ def _mm(value: float) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -33,6 +33,7 @@ import torch
 
 from utils.calibration import load_calibration
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.errors import InputError
 from utils.evaluation import (
     PredictionSettings,
     check_finite_transforms,
@@ -130,7 +131,7 @@ def predict_ddfs(frames, landmark, data_path_calib, device):
     predictor = load_predictor(device)
     frames = np.asarray(frames)
     if frames.ndim != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"predict_ddfs: frames must be uint8 [N, H, W], got {frames.dtype} {frames.shape}")
+        raise InputError(f"predict_ddfs: frames must be uint8 [N, H, W], got {frames.dtype} {frames.shape}")
     height, width = int(frames.shape[1]), int(frames.shape[2])
     calibration = load_calibration(data_path_calib)
     if landmark is None:

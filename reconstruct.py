@@ -53,6 +53,9 @@ REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from utils.cli import run_cli  # noqa: E402  (after REPO_ROOT is on sys.path)
+from utils.errors import InputError  # noqa: E402
+
 log = logging.getLogger("reconstruct")
 
 FORMATS = ("mha", "nii.gz", "nii", "nrrd")
@@ -136,7 +139,7 @@ def select_scans(refs, wanted):
         if len(matches) != 1:
             known = ", ".join(r.key for r in refs[:12]) + (" ..." if len(refs) > 12 else "")
             what = "matches no scan" if not matches else f"is ambiguous ({len(matches)} scans)"
-            raise ValueError(f"--scan {text!r} {what}; scans: {known}")
+            raise InputError(f"--scan {text!r} {what}; scans: {known}")
         chosen.append(matches[0])
     return chosen
 
@@ -170,7 +173,7 @@ def _load_mask(spec: str, ref, root: Path, scan_file, calibration):
         return np.ones((height, width), dtype=bool), "none"
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"--mask {spec!r} is not one of {list(rec.MASK_SOURCES)} nor an existing file")
+        raise InputError(f"--mask {spec!r} is not one of {list(rec.MASK_SOURCES)} nor an existing file")
     if path.suffix.lower() == ".npy":
         mask = np.load(path, allow_pickle=False)
     else:
@@ -180,7 +183,7 @@ def _load_mask(spec: str, ref, root: Path, scan_file, calibration):
         mask = mask[..., 0] if mask.ndim == 3 else mask
     mask = np.asarray(mask) > 0
     if mask.shape != (height, width):
-        raise ValueError(f"--mask {path}: shape {mask.shape}, but frames are {(height, width)}")
+        raise InputError(f"--mask {path}: shape {mask.shape}, but frames are {(height, width)}")
     return mask, str(path)
 
 
@@ -387,4 +390,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

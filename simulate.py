@@ -27,6 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from utils.cli import run_cli  # noqa: E402  (after REPO_ROOT is on sys.path)
+
 logger = logging.getLogger("simulate")
 
 # What a generated dataset consists of: --overwrite removes exactly these names.
@@ -129,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -49,6 +49,8 @@ from utils import transform as tf
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, find_scans
 from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state, unwrap_model
+from utils.cli import run_cli
+from utils.errors import InputError
 from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan, image_points_mm
 from utils.plotting import plot_training_curves
 from utils.run_dir import make_run_dir
@@ -199,7 +201,7 @@ def resolve_device(name: str, distributed: Distributed) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+            raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
         if distributed.enabled:
             device = torch.device("cuda", distributed.local_rank)  # one GPU per process
         torch.cuda.set_device(device)
@@ -502,12 +504,12 @@ def resolve_options(argv) -> tuple[TrainOptions, argparse.Namespace, dict | None
         options = options_from_dict(TrainOptions, values, source="command line")
         return options, namespace, None
     if getattr(namespace, "preset", None) or namespace.init_weights is not None:
-        raise ValueError("--resume continues a run with the options in its checkpoint: "
+        raise InputError("--resume continues a run with the options in its checkpoint: "
                          "--preset and --init_weights cannot be combined with it")
     checkpoint = load_checkpoint(namespace.resume)
     refused = sorted(set(given) - RESUMABLE_OVERRIDES)
     if refused:
-        raise ValueError(f"--resume: {refused} cannot change in a resumed run (allowed: {sorted(RESUMABLE_OVERRIDES)})")
+        raise InputError(f"--resume: {refused} cannot change in a resumed run (allowed: {sorted(RESUMABLE_OVERRIDES)})")
     values = dict(checkpoint["options"])
     values.update(given)
     options = options_from_dict(TrainOptions, values, source=f"{namespace.resume} + command line")
@@ -766,13 +768,13 @@ def prepare_data(options: TrainOptions, checkpoint, distributed: Distributed) ->
     train_sources = scans_of_folds(source_scans, folds, options.train_folds)
     val_sources = scans_of_folds(source_scans, folds, options.val_folds)
     if not train_sources:
-        raise ValueError(f"training folds {options.train_folds} hold no scans under {data_root}")
+        raise InputError(f"training folds {options.train_folds} hold no scans under {data_root}")
     frame_sizes = set()
     for ref in train_sources + val_sources:
         with ScanFile(ref) as scan_file:
             frame_sizes.add(scan_file.frame_size)
     if len(frame_sizes) != 1:
-        raise ValueError(f"scans under {data_root} have different frame sizes {sorted(frame_sizes)}; "
+        raise InputError(f"scans under {data_root} have different frame sizes {sorted(frame_sizes)}; "
                          "one network input size is expected")
     height, width = frame_sizes.pop()
     if options.downsample > 1 and options.cache_dir:
@@ -938,4 +940,4 @@ def log_epoch(row: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -47,6 +47,8 @@ import torch
 from torch import nn
 
 from models.registry import register_model
+from utils.errors import InputError
+
 
 def weighted_rigid_fit_2d(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
     """The 2-D rigid motion ``q ~ R(angle) p + t`` minimising ``sum_k w_k |R p_k + t - q_k|^2``.
@@ -164,11 +166,11 @@ class PatchFlowNet(nn.Module):
                  width: int = 12, jitter: bool = True):
         super().__init__()
         if len(pixel_mm) != 2 or not all(float(v) > 0 for v in pixel_mm):
-            raise ValueError(f"pixel_mm={pixel_mm!r}: expected two positive pixel sizes (x, y) in mm")
+            raise InputError(f"pixel_mm={pixel_mm!r}: expected two positive pixel sizes (x, y) in mm")
         if int(patch_size) < 16 or int(patch_size) % 8:
-            raise ValueError(f"patch_size={patch_size!r}: expected a multiple of 8, at least 16")
+            raise InputError(f"patch_size={patch_size!r}: expected a multiple of 8, at least 16")
         if not 1 <= radius < patch_size // 4:
-            raise ValueError(f"radius={radius!r}: expected 1 <= radius < patch_size / 4 = {patch_size / 4}")
+            raise InputError(f"radius={radius!r}: expected 1 <= radius < patch_size / 4 = {patch_size / 4}")
         self.patch_size, self.num_patches, self.radius = int(patch_size), int(num_patches), int(radius)
         self.jitter = bool(jitter)
         self.register_buffer("pixel_mm", torch.tensor([float(v) for v in pixel_mm]))
@@ -237,7 +239,7 @@ class PatchFlowNet(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.ndim != 4 or frames.shape[1] != 2:
-            raise ValueError(f"PatchFlowNet takes [B, 2, H, W] frame pairs; got {tuple(frames.shape)}")
+            raise InputError(f"PatchFlowNet takes [B, 2, H, W] frame pairs; got {tuple(frames.shape)}")
         batch, _, height, width = frames.shape
         size, radius = self.patch_size, self.radius
         # Nothing before the cost volume is learned: no graph is kept for it (most of a step's memory
@@ -285,6 +287,6 @@ def patch_flow(in_frames: int, pred_dim: int, pixel_mm=(1.0, 1.0), patch_size: i
                radius: int = 8, width: int = 12) -> nn.Module:
     """PatchFlowNet: [B, 2, H, W] frames in [0, 1] -> [B, 6] in-plane ``parameter`` prediction."""
     if in_frames != 2 or pred_dim != 6:
-        raise ValueError(f"patch_flow predicts one pair's 6 parameters from 2 frames (NUM_SAMPLES=2, "
+        raise InputError(f"patch_flow predicts one pair's 6 parameters from 2 frames (NUM_SAMPLES=2, "
                          f"PRED_TYPE=parameter); got in_frames={in_frames}, pred_dim={pred_dim}")
     return PatchFlowNet(pixel_mm=pixel_mm, patch_size=patch_size, num_patches=num_patches, radius=radius, width=width)

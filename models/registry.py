@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from utils.errors import InputError
+
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
 
 # Modules whose builders register themselves when imported (at the end of this module).
@@ -34,7 +36,7 @@ def register_model(name: str):
 
     def decorator(builder):
         if name in _REGISTRY and _REGISTRY[name] is not builder:
-            raise ValueError(f"a model named {name!r} is already registered ({_REGISTRY[name].__module__})")
+            raise InputError(f"a model named {name!r} is already registered ({_REGISTRY[name].__module__})")
         _REGISTRY[name] = builder
         return builder
 
@@ -48,13 +50,13 @@ def available_models() -> tuple[str, ...]:
 
 def _check_name(name) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}")
+        raise InputError(f"unknown model {name!r}; available models: {', '.join(available_models())}")
 
 
 def _check_positive_int(what: str, value) -> int:
     # bool is an int subclass; True as a channel count is a bug, not a 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what}={value!r} must be a positive integer")
+        raise InputError(f"{what}={value!r} must be a positive integer")
     return value
 
 
@@ -85,24 +87,24 @@ def build_model(name: str, in_frames: int, pred_dim: int, **kwargs) -> torch.nn.
     accepted = [key for key in inspect.signature(builder).parameters if key not in ("in_frames", "pred_dim")]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name!r} takes no argument(s) {unknown}; it takes {accepted or 'none'}")
+        raise InputError(f"model {name!r} takes no argument(s) {unknown}; it takes {accepted or 'none'}")
     return builder(in_frames=args["in_frames"], pred_dim=args["pred_dim"], **kwargs)
 
 
 def build_from_args(args: dict) -> torch.nn.Module:
     """Rebuild a network from the ``model_args`` dict stored in a checkpoint."""
     if not isinstance(args, dict):
-        raise ValueError(f"model_args must be a dict with keys {list(_ARG_KEYS)}, got {type(args).__name__}")
+        raise InputError(f"model_args must be a dict with keys {list(_ARG_KEYS)}, got {type(args).__name__}")
     missing = [key for key in _ARG_KEYS if key not in args]
     unknown = sorted(str(key) for key in args if key not in _ARG_KEYS + _OPTIONAL_ARG_KEYS)
     if missing or unknown:
-        raise ValueError(
+        raise InputError(
             f"model_args {args!r}: missing keys {missing}, unknown keys {unknown}; expected {list(_ARG_KEYS)} "
             f"and optionally {list(_OPTIONAL_ARG_KEYS)}"
         )
     kwargs = args.get("kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"model_args['kwargs'] must be a dict, got {type(kwargs).__name__}")
+        raise InputError(f"model_args['kwargs'] must be a dict, got {type(kwargs).__name__}")
     return build_model(args["name"], args["in_frames"], args["pred_dim"], **kwargs)
 
 
@@ -117,5 +119,5 @@ def output_layer(model: torch.nn.Module) -> torch.nn.Linear:
     """The layer that produces the prediction: by the registry's contract, the model's last ``nn.Linear``."""
     layers = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear output layer")
+        raise InputError(f"{type(model).__name__} has no nn.Linear output layer")
     return layers[-1]

@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from utils.atomic import atomic_path
+from utils.errors import InputError
 
 __all__ = [
     "PRESETS_DIR",
@@ -265,17 +266,17 @@ def _value_error(source: str, key: str, value, spec: _Spec, hint: str = "") -> V
 def _normalise(cls, mapping, source: str) -> dict:
     """Keys (field names or aliases) -> field names, values converted; errors name ``source``."""
     if not isinstance(mapping, dict):
-        raise ValueError(f"{source}: expected a mapping of option names to values, got {type(mapping).__name__}")
+        raise InputError(f"{source}: expected a mapping of option names to values, got {type(mapping).__name__}")
     keys = _key_map(cls)
     specs = _specs(cls)
     values: dict = {}
     given_as: dict[str, str] = {}
     for key, value in mapping.items():
         if not isinstance(key, str) or key not in keys:
-            raise ValueError(_unknown_key_message(cls, key, source))
+            raise InputError(_unknown_key_message(cls, key, source))
         name = keys[key]
         if name in values:
-            raise ValueError(f"{source}: {name} is given twice (as {given_as[name]!r} and as {key!r})")
+            raise InputError(f"{source}: {name} is given twice (as {given_as[name]!r} and as {key!r})")
         try:
             values[name] = _convert(specs[name], value)
         except _BadValue as exc:
@@ -355,7 +356,7 @@ def load_preset(cls, name_or_path) -> dict:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (safe subclass)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise InputError(f"{path}: not valid YAML: {exc}") from None
     return _normalise(cls, {} if data is None else data, str(path))
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import re
 
 from options.core import option
+from utils.errors import InputError
 
 # Hard-coded rather than read from the models registry: options must not import model code.
 MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18", "patch_flow")
@@ -191,7 +192,7 @@ class TrainOptions:
             problems.append(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
         problems += self._fold_problems()
         if problems:
-            raise ValueError("invalid training options:\n  - " + "\n  - ".join(problems))
+            raise InputError("invalid training options:\n  - " + "\n  - ".join(problems))
 
     def _fold_problems(self) -> list[str]:
         problems = []

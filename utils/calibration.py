@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_path
+from utils.errors import InputError
 
 SCALE_NAME = "scaling_from_pixel_to_mm"
 CALIB_R_T_NAME = "spatial_calibration_from_image_coordinate_system_to_tracking_tool_coordinate_system"
@@ -100,9 +101,9 @@ def _as_matrix(value, what: str, source: str) -> np.ndarray:
         value = value.detach().cpu().numpy()
     matrix = np.array(value, dtype=np.float64)
     if matrix.shape != (4, 4):
-        raise ValueError(f"{source}: {what} must be a 4x4 matrix, got shape {matrix.shape}")
+        raise InputError(f"{source}: {what} must be a 4x4 matrix, got shape {matrix.shape}")
     if not np.all(np.isfinite(matrix)):
-        raise ValueError(f"{source}: {what} has non-finite values:\n{matrix}")
+        raise InputError(f"{source}: {what} has non-finite values:\n{matrix}")
     return matrix
 
 
@@ -120,35 +121,35 @@ def make_calibration(tform_calib_scale, tform_calib_R_T, source: str = "calibrat
 
     off_diagonal = scale - np.diag(np.diag(scale))
     if np.any(off_diagonal != 0):
-        raise ValueError(
+        raise InputError(
             f"{source}: {SCALE_NAME} must be diagonal (a pixel -> mm scaling), "
             f"got off-diagonal values:\n{scale}"
         )
     if not (scale[0, 0] > 0 and scale[1, 1] > 0):
-        raise ValueError(
+        raise InputError(
             f"{source}: {SCALE_NAME} must have positive x and y scales (mm per pixel), "
             f"got sx={float(scale[0, 0])!r}, sy={float(scale[1, 1])!r}"
         )
     if scale[2, 2] != 1 or scale[3, 3] != 1:
-        raise ValueError(
+        raise InputError(
             f"{source}: {SCALE_NAME} must end its diagonal with 1, 1 (z stays 0, homogeneous 1), "
             f"got {float(scale[2, 2])!r}, {float(scale[3, 3])!r}"
         )
 
     if np.any(calib_r_t[3] != np.array([0.0, 0.0, 0.0, 1.0])):
-        raise ValueError(
+        raise InputError(
             f"{source}: {CALIB_R_T_NAME} must have last row [0, 0, 0, 1], got {calib_r_t[3].tolist()}"
         )
     rotation = calib_r_t[:3, :3]
     deviation = float(np.abs(rotation.T @ rotation - np.eye(3)).max())
     if deviation > ROTATION_TOLERANCE:
-        raise ValueError(
+        raise InputError(
             f"{source}: the rotation of {CALIB_R_T_NAME} must be orthonormal (rigid image mm -> tool): "
             f"max |R^T R - I| = {deviation:.3g} > {ROTATION_TOLERANCE:g}"
         )
     determinant = float(np.linalg.det(rotation))
     if determinant <= 0:
-        raise ValueError(
+        raise InputError(
             f"{source}: the rotation of {CALIB_R_T_NAME} must be proper (det = +1), got det = {determinant:.6g}"
         )
     scale.setflags(write=False)
@@ -159,7 +160,7 @@ def make_calibration(tform_calib_scale, tform_calib_R_T, source: str = "calibrat
 def _parse_row(path: Path, line_index: int, text: str) -> list[float]:
     fields = text.split(",")
     if len(fields) != 4:
-        raise ValueError(
+        raise InputError(
             f"{path}: line {line_index + 1}: expected 4 comma-separated numbers, "
             f"got {len(fields)} field(s): {text!r}"
         )
@@ -168,11 +169,11 @@ def _parse_row(path: Path, line_index: int, text: str) -> list[float]:
         try:
             value = float(field)
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"{path}: line {line_index + 1}: {field.strip()!r} is not a number (line {text!r})"
             ) from None
         if not math.isfinite(value):
-            raise ValueError(f"{path}: line {line_index + 1}: {field.strip()!r} is not finite (line {text!r})")
+            raise InputError(f"{path}: line {line_index + 1}: {field.strip()!r} is not finite (line {text!r})")
         values.append(value)
     return values
 
@@ -198,13 +199,13 @@ def load_calibration(path) -> Calibration:
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != NUM_LINES:
-        raise ValueError(
+        raise InputError(
             f"{path}: expected {NUM_LINES} lines (name, 4 rows of S, name, 4 rows of C), got {len(lines)}"
             + (f"; line {len(lines)} is {lines[-1]!r}" if lines else " (empty file)")
         )
     for line_index, name in ((_SCALE_NAME_LINE, SCALE_NAME), (_CALIB_NAME_LINE, CALIB_R_T_NAME)):
         if lines[line_index].strip() != name:
-            raise ValueError(f"{path}: line {line_index + 1}: expected {name!r}, got {lines[line_index]!r}")
+            raise InputError(f"{path}: line {line_index + 1}: expected {name!r}, got {lines[line_index]!r}")
     scale = [_parse_row(path, i, lines[i]) for i in _SCALE_ROWS]
     calib_r_t = [_parse_row(path, i, lines[i]) for i in _CALIB_ROWS]
     return make_calibration(scale, calib_r_t, source=str(path))

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from utils.atomic import atomic_path
+from utils.errors import InputError
 from utils.landmarks import check_landmarks
 
 LAYOUT_TRAIN = "train"
@@ -143,7 +144,7 @@ def detect_layout(root) -> str:
     has_train = (root / TRAIN_FOLDER).is_dir()
     has_test = (root / DATASET_KEYS_FILE).is_file()
     if has_train and has_test:
-        raise ValueError(
+        raise InputError(
             f"{root}: holds both {TRAIN_FOLDER}/ (train layout) and {DATASET_KEYS_FILE} "
             f"(validation/test layout); keep one layout per dataset root"
         )
@@ -177,7 +178,7 @@ def _find_train_scans(root: Path) -> list[ScanRef]:
         if not folder.is_dir() or not _visible(folder):
             continue
         if not folder.name.isdigit():
-            raise ValueError(
+            raise InputError(
                 f"{folder}: subject folders under {TRAIN_FOLDER}/ must be numeric (e.g. '000'), "
                 f"got {folder.name!r}"
             )
@@ -206,7 +207,7 @@ def _find_test_scans(root: Path) -> list[ScanRef]:
     for key in read_dataset_keys(keys_path):
         match = _KEY_PATTERN.match(key)
         if match is None:
-            raise ValueError(f"{keys_path}: key {key!r} is not of the form 'sub<NNN>__<scan>'")
+            raise InputError(f"{keys_path}: key {key!r} is not of the form 'sub<NNN>__<scan>'")
         folder, name = match.group(1), match.group(2)
         frames_path = root / FRAMES_FOLDER / folder / f"{name}.h5"
         tforms_path = root / TFORMS_FOLDER / folder / f"{name}.h5"
@@ -234,7 +235,7 @@ def find_scans(root) -> list[ScanRef]:
     refs = _find_train_scans(root) if layout == LAYOUT_TRAIN else _find_test_scans(root)
     if not refs:
         where = root / TRAIN_FOLDER if layout == LAYOUT_TRAIN else root / DATASET_KEYS_FILE
-        raise ValueError(f"{where}: no scans found ({layout} layout)")
+        raise InputError(f"{where}: no scans found ({layout} layout)")
     return sorted(refs, key=lambda ref: (ref.subject, ref.subject_folder, ref.name))
 
 
@@ -245,26 +246,26 @@ def find_scans(root) -> list[ScanRef]:
 
 def _dataset(handle: h5py.File, key: str, path) -> h5py.Dataset:
     if key not in handle or not isinstance(handle[key], h5py.Dataset):
-        raise ValueError(f"{path}: no dataset {key!r} (found {sorted(handle.keys())})")
+        raise InputError(f"{path}: no dataset {key!r} (found {sorted(handle.keys())})")
     return handle[key]
 
 
 def check_frames_shape(shape, dtype, source) -> None:
     """Raise ValueError naming ``source`` unless frames are uint8 and 3-D ``[N, H, W]``."""
     if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"{source}: 'frames' must be uint8 [N, H, W], got dtype {np.dtype(dtype)}")
+        raise InputError(f"{source}: 'frames' must be uint8 [N, H, W], got dtype {np.dtype(dtype)}")
     if len(shape) != 3:
-        raise ValueError(f"{source}: 'frames' must be 3-D [N, H, W], got shape {tuple(shape)}")
+        raise InputError(f"{source}: 'frames' must be 3-D [N, H, W], got shape {tuple(shape)}")
 
 
 def check_tforms_shape(shape, dtype, source, num_frames: int | None = None) -> None:
     """Raise ValueError naming ``source`` unless tforms are float ``[N, 4, 4]`` (N = ``num_frames``)."""
     if len(shape) != 3 or tuple(shape[1:]) != (4, 4):
-        raise ValueError(f"{source}: 'tforms' must be [N, 4, 4], got shape {tuple(shape)}")
+        raise InputError(f"{source}: 'tforms' must be [N, 4, 4], got shape {tuple(shape)}")
     if np.dtype(dtype).kind != "f":
-        raise ValueError(f"{source}: 'tforms' must be float32 or float64, got dtype {np.dtype(dtype)}")
+        raise InputError(f"{source}: 'tforms' must be float32 or float64, got dtype {np.dtype(dtype)}")
     if num_frames is not None and shape[0] != num_frames:
-        raise ValueError(
+        raise InputError(
             f"{source}: 'tforms' holds {shape[0]} poses but 'frames' holds {num_frames} frames; "
             "expected one pose per frame"
         )
@@ -282,13 +283,13 @@ def validate_tforms(tforms: np.ndarray, source, num_frames: int | None = None) -
     finite = np.isfinite(tforms).all(axis=(1, 2))
     if not finite.all():
         frame = int(np.argmin(finite))
-        raise ValueError(f"{source}: 'tforms' has non-finite values at frame {frame}:\n{tforms[frame]}")
+        raise InputError(f"{source}: 'tforms' has non-finite values at frame {frame}:\n{tforms[frame]}")
     poses = tforms.astype(np.float64)
     row_error = np.abs(poses[:, 3, :] - np.array([0.0, 0.0, 0.0, 1.0])).max(axis=1)
     bad = np.flatnonzero(row_error > POSE_LAST_ROW_TOLERANCE)
     if bad.size:
         frame = int(bad[0])
-        raise ValueError(
+        raise InputError(
             f"{source}: 'tforms' frame {frame} has last row {poses[frame, 3].tolist()}, expected [0, 0, 0, 1]"
         )
     rotation = poses[:, :3, :3]
@@ -296,7 +297,7 @@ def validate_tforms(tforms: np.ndarray, source, num_frames: int | None = None) -
     bad = np.flatnonzero(deviation > POSE_ORTHONORMAL_TOLERANCE)
     if bad.size:
         frame = int(bad[0])
-        raise ValueError(
+        raise InputError(
             f"{source}: 'tforms' frame {frame} is not a rigid pose: max |R^T R - I| = "
             f"{deviation[frame]:.3g} > {POSE_ORTHONORMAL_TOLERANCE:g}"
         )
@@ -304,7 +305,7 @@ def validate_tforms(tforms: np.ndarray, source, num_frames: int | None = None) -
     bad = np.flatnonzero(determinant <= 0)
     if bad.size:
         frame = int(bad[0])
-        raise ValueError(
+        raise InputError(
             f"{source}: 'tforms' frame {frame} has a rotation with det = {determinant[frame]:.6g}, "
             "expected +1 (a reflection is not a pose)"
         )
@@ -331,7 +332,7 @@ def read_landmarks(path, scan_name: str, num_frames: int, height: int, width: in
         raise FileNotFoundError(f"landmark file not found: {path}")
     with h5py.File(path, "r") as handle:
         if scan_name not in handle or not isinstance(handle[scan_name], h5py.Dataset):
-            raise ValueError(f"{path}: no landmark dataset {scan_name!r} (found {sorted(handle.keys())})")
+            raise InputError(f"{path}: no landmark dataset {scan_name!r} (found {sorted(handle.keys())})")
         landmarks = handle[scan_name][()]
     source = f"{path} [{scan_name!r}]"
     return check_landmarks(landmarks, num_frames, height, width, source, integer_dtype=True)
@@ -388,7 +389,7 @@ class ScanFile:
             return np.empty((0, *self.frame_size), np.uint8)
         bad = np.flatnonzero((index < 0) | (index >= self.num_frames))
         if bad.size:
-            raise ValueError(
+            raise InputError(
                 f"{self.ref.frames_path}: frame index {int(index[bad[0]])} outside 0..{self.num_frames - 1}"
             )
         start = int(index[0])
@@ -481,7 +482,7 @@ def write_scan(
     Raises ValueError, before writing, for frames or poses the readers would refuse.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {list(LAYOUTS)}")
+        raise InputError(f"layout={layout!r} is not one of {list(LAYOUTS)}")
     root = Path(root)
     folder = subject_folder(subject)
     frames = np.asarray(frames)
@@ -511,7 +512,7 @@ def write_landmarks(root, subject: int, landmarks: dict, folder: str = LANDMARK_
     2024 test set's ``"landmark"``. Returns the path.
     """
     if folder not in LANDMARK_FOLDERS:
-        raise ValueError(f"landmark folder {folder!r} is not one of {list(LANDMARK_FOLDERS)}")
+        raise InputError(f"landmark folder {folder!r} is not one of {list(LANDMARK_FOLDERS)}")
     path = Path(root) / folder / landmark_file_name(subject)
     arrays = {}
     for scan_name, values in landmarks.items():
@@ -535,10 +536,10 @@ def write_dataset_keys(root, keys) -> Path:
     for key in keys:
         match = _KEY_PATTERN.match(key)
         if match is None:
-            raise ValueError(f"dataset key {key!r} is not of the form 'sub<NNN>__<scan>'")
+            raise InputError(f"dataset key {key!r} is not of the form 'sub<NNN>__<scan>'")
         entries[key] = f"{FRAMES_FOLDER}/{match.group(1)}/{match.group(2)}.h5"
     if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate dataset keys in {keys}")
+        raise InputError(f"duplicate dataset keys in {keys}")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as handle:
             for key, relative in entries.items():

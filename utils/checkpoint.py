@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_path
+from utils.errors import InputError
 
 FORMAT_VERSION = 1
 
@@ -130,10 +131,10 @@ def _plain(value, where: str):
         out = {}
         for key, v in value.items():
             if not isinstance(key, (str, int)):
-                raise ValueError(f"checkpoint {where} has a key {key!r} of type {type(key).__name__}; use str or int")
+                raise InputError(f"checkpoint {where} has a key {key!r} of type {type(key).__name__}; use str or int")
             out[key] = _plain(v, f"{where}[{key!r}]")
         return out
-    raise ValueError(
+    raise InputError(
         f"checkpoint {where} = {value!r} is a {type(value).__name__}; only str, int, float, bool, None, "
         "list, tuple and dict can be read back with weights_only=True"
     )
@@ -149,16 +150,16 @@ def save_checkpoint(path, checkpoint: dict) -> Path:
     """
     path = Path(path)
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint for {path} must be a dict, got {type(checkpoint).__name__}")
+        raise InputError(f"checkpoint for {path} must be a dict, got {type(checkpoint).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise ValueError(f"checkpoint for {path} misses keys {missing}; required: {list(REQUIRED_KEYS)}")
+        raise InputError(f"checkpoint for {path} misses keys {missing}; required: {list(REQUIRED_KEYS)}")
     if checkpoint["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint for {path} has format_version={checkpoint['format_version']!r}; "
+        raise InputError(f"checkpoint for {path} has format_version={checkpoint['format_version']!r}; "
                          f"expected {FORMAT_VERSION}")
     if not isinstance(checkpoint["model"], Mapping):
         kind = type(checkpoint["model"]).__name__
-        raise ValueError(f"checkpoint for {path}: 'model' must be a state dict, got {kind}")
+        raise InputError(f"checkpoint for {path}: 'model' must be a state dict, got {kind}")
     out = dict(checkpoint)
     # A state dict taken from a DDP/compiled model without unwrap_model: store the bare names.
     out["model"] = strip_wrapper_prefix(checkpoint["model"])
@@ -175,7 +176,7 @@ def _torch_load(path: Path, map_location):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, AttributeError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
+        raise InputError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
                          f"failed: {error})") from error
 
 
@@ -188,14 +189,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     checkpoint = _torch_load(path, map_location)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict "
+        raise InputError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict "
                          f"(for bare weights use load_model_weights / --init_weights)")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         hint = " (it looks like a bare state dict: use --init_weights)" if _looks_like_state_dict(checkpoint) else ""
-        raise ValueError(f"{path} misses checkpoint keys {missing}{hint}; required: {list(REQUIRED_KEYS)}")
+        raise InputError(f"{path} misses checkpoint keys {missing}{hint}; required: {list(REQUIRED_KEYS)}")
     if checkpoint["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path} has checkpoint format_version={checkpoint['format_version']!r}; "
+        raise InputError(f"{path} has checkpoint format_version={checkpoint['format_version']!r}; "
                          f"this code reads format_version={FORMAT_VERSION}")
     return checkpoint
 
@@ -216,7 +217,7 @@ def _state_dict_of(obj, path: Path) -> dict:
             if isinstance(obj.get(key), Mapping) and _looks_like_state_dict(obj[key]):
                 return dict(obj[key])
     keys = f" with keys {list(obj)[:_SHOW]}" if isinstance(obj, Mapping) else ""
-    raise ValueError(f"{path} holds neither a checkpoint nor a state dict of tensors (got {type(obj).__name__}{keys})")
+    raise InputError(f"{path} holds neither a checkpoint nor a state dict of tensors (got {type(obj).__name__}{keys})")
 
 
 def _first(names) -> str:
@@ -244,7 +245,7 @@ def _load_state(model: torch.nn.Module, state: dict, source: str) -> None:
             parts.append(f"unexpected keys: {_first(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches (file vs model): {_first(mismatched)}")
-        raise ValueError(f"weights in {source} do not fit the model ({type(model).__name__}): " + "; ".join(parts))
+        raise InputError(f"weights in {source} do not fit the model ({type(model).__name__}): " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 

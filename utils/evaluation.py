@@ -52,6 +52,7 @@ from utils import transform as tf
 from utils.atomic import atomic_path
 from utils.calibration import Calibration
 from utils.challenge_data import Scan, ScanFile, ScanRef, read_landmarks, read_scan
+from utils.errors import InputError
 from utils.prediction import predict_scan_transforms
 from utils.training_data import downsample_frames
 
@@ -138,21 +139,21 @@ class PredictionSettings:
 
     def __post_init__(self):
         if self.pred_type not in tf.PRED_TYPES:
-            raise ValueError(f"pred_type={self.pred_type!r} is not one of {list(tf.PRED_TYPES)}")
+            raise InputError(f"pred_type={self.pred_type!r} is not one of {list(tf.PRED_TYPES)}")
         tf.pair_samples(self.num_samples, self.num_pred)  # validates num_samples and num_pred
         if int(self.downsample) != self.downsample or self.downsample < 1:
-            raise ValueError(f"downsample={self.downsample!r}: expected an integer >= 1")
+            raise InputError(f"downsample={self.downsample!r}: expected an integer >= 1")
         if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
-            raise ValueError(f"batch_size={self.batch_size!r}: expected a positive integer or None (automatic)")
+            raise InputError(f"batch_size={self.batch_size!r}: expected a positive integer or None (automatic)")
         if self.amp_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"amp_dtype={self.amp_dtype!r}: expected None, 'bfloat16' or 'float16'")
+            raise InputError(f"amp_dtype={self.amp_dtype!r}: expected None, 'bfloat16' or 'float16'")
 
     @classmethod
     def from_options(cls, options, batch_size: int | None = None) -> PredictionSettings:
         """Settings from a checkpoint's ``options`` dict (or a ``TrainOptions``); ``batch_size`` overrides."""
         missing = [key for key in ("pred_type", "num_samples", "num_pred") if _option(options, key) is None]
         if missing:
-            raise ValueError(f"options lack {missing}; they come from the checkpoint written by train.py")
+            raise InputError(f"options lack {missing}; they come from the checkpoint written by train.py")
         amp = bool(_option(options, "amp", False))
         return cls(
             pred_type=str(_option(options, "pred_type")),
@@ -214,7 +215,7 @@ def configure_cpu_inference(num_threads: int | None = None) -> dict:
     done = {}
     if num_threads is not None:
         if int(num_threads) < 1:
-            raise ValueError(f"num_threads={num_threads!r}: expected a positive integer")
+            raise InputError(f"num_threads={num_threads!r}: expected a positive integer")
         torch.set_num_threads(int(num_threads))
         done["num_threads"] = int(num_threads)
     libc_name = ctypes.util.find_library("c")
@@ -275,7 +276,7 @@ def network_frames(frames, settings: PredictionSettings, height: int, width: int
         return downsample_frames(frames, settings.downsample) if settings.downsample > 1 else frames
     if shape == small:
         return frames
-    raise ValueError(f"frames of size {shape} fit neither the original size {(height, width)} nor the "
+    raise InputError(f"frames of size {shape} fit neither the original size {(height, width)} nor the "
                      f"network's {small} (downsample={settings.downsample})")
 
 
@@ -303,7 +304,7 @@ def predict_transforms(model, frames, settings: PredictionSettings, scale, devic
     width = int(frames.shape[2]) if width is None else int(width)
     num_frames = int(frames.shape[0])
     if num_frames < settings.num_samples:
-        raise ValueError(f"a scan of {num_frames} frames is shorter than one window of NUM_SAMPLES="
+        raise InputError(f"a scan of {num_frames} frames is shorter than one window of NUM_SAMPLES="
                          f"{settings.num_samples} frames")
     device = torch.device(device)
     points = image_points_mm(scale, height, width)
@@ -362,7 +363,7 @@ def check_finite_transforms(global_pred, local_pred, source: str = "prediction")
         finite = torch.isfinite(torch.as_tensor(value)).reshape(len(value), -1).all(dim=1)
         if not bool(finite.all()):
             frame = int((~finite).nonzero()[0, 0]) + 1  # row k holds frame k + 1
-            raise ValueError(f"{source}: the {name} transform of frame {frame} holds NaN or inf "
+            raise InputError(f"{source}: the {name} transform of frame {frame} holds NaN or inf "
                              f"({int((~finite).sum())} of {len(finite)} frames); nothing is written for it")
 
 
@@ -537,7 +538,7 @@ def _read_poses_only(ref: ScanRef, frames) -> Scan:
         tforms = scan_file.read_tforms()
         num_frames, (height, width) = scan_file.num_frames, scan_file.frame_size
     if int(frames.shape[0]) != num_frames:
-        raise ValueError(f"{ref.frames_path}: {num_frames} frames, but {int(frames.shape[0])} were given")
+        raise InputError(f"{ref.frames_path}: {num_frames} frames, but {int(frames.shape[0])} were given")
     landmarks = None
     if ref.landmark_path is not None:
         landmarks = read_landmarks(ref.landmark_path, ref.name, num_frames, height, width)
@@ -688,9 +689,9 @@ def replaced_folder(path):
     path = Path(path).absolute()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path} exists and is not a folder; choose another output folder")
+            raise InputError(f"{path} exists and is not a folder; choose another output folder")
         if any(path.iterdir()) and not (path / RESULTS_MARKER).exists():
-            raise ValueError(f"{path} holds files that are not results of generate_DDF.py (no {RESULTS_MARKER}); "
+            raise InputError(f"{path} holds files that are not results of generate_DDF.py (no {RESULTS_MARKER}); "
                              "refusing to replace it: choose another output folder or empty it")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from utils.errors import InputError
+
 
 def check_landmarks(landmark, num_frames: int, height: int, width: int, source: str = "landmark",
                     integer_dtype: bool = False) -> np.ndarray:
@@ -32,14 +34,14 @@ def check_landmarks(landmark, num_frames: int, height: int, width: int, source: 
         landmark = landmark.detach().cpu().numpy()
     values = np.asarray(landmark)
     if values.ndim != 2 or values.shape[1] != 3:
-        raise ValueError(f"{source}: landmarks must be [K, 3] (frame from 0, x from 1, y from 1), "
+        raise InputError(f"{source}: landmarks must be [K, 3] (frame from 0, x from 1, y from 1), "
                          f"got shape {tuple(values.shape)}")
     if values.dtype.kind not in "iu":
         if integer_dtype:
-            raise ValueError(f"{source}: landmarks must be integers, got dtype {values.dtype}")
+            raise InputError(f"{source}: landmarks must be integers, got dtype {values.dtype}")
         whole = values.dtype.kind == "f" and np.isfinite(values).all() and (values == np.round(values)).all()
         if not whole:
-            raise ValueError(f"{source}: landmarks must be integers, got dtype {values.dtype} with non-integer values")
+            raise InputError(f"{source}: landmarks must be integers, got dtype {values.dtype} with non-integer values")
     values = values.astype(np.int64)
     checks = (
         (0, "frame index", 1, num_frames - 1, "frame 0 has no displacement field row: DDFs start at frame 1"),
@@ -50,7 +52,7 @@ def check_landmarks(landmark, num_frames: int, height: int, width: int, source: 
         bad = np.flatnonzero((values[:, column] < low) | (values[:, column] > high))
         if bad.size:
             row = int(bad[0])
-            raise ValueError(
+            raise InputError(
                 f"{source}: landmark row {row} {values[row].tolist()} has {what} {int(values[row, column])}, "
                 f"expected {low}..{high} ({why}; {bad.size} landmark(s) out of range)"
             )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from utils.errors import InputError
 from utils.transform import (
     PRED_TYPES,
     invert_rigid,
@@ -92,9 +93,9 @@ def window_plan(num_frames: int, num_samples: int, pairs) -> WindowPlan:
     num_frames, num_samples = int(num_frames), int(num_samples)
     pair_list = [tuple(int(v) for v in row) for row in torch.as_tensor(pairs).reshape(-1, 2).tolist()]
     if not pair_list or any(not 0 <= a < b < num_samples for a, b in pair_list):
-        raise ValueError(f"pairs {pair_list} must be (a, b) with 0 <= a < b < num_samples={num_samples}")
+        raise InputError(f"pairs {pair_list} must be (a, b) with 0 <= a < b < num_samples={num_samples}")
     if num_frames < num_samples:
-        raise ValueError(f"a scan of {num_frames} frames is shorter than one window of NUM_SAMPLES={num_samples}")
+        raise InputError(f"a scan of {num_frames} frames is shorter than one window of NUM_SAMPLES={num_samples}")
     last_start = num_frames - num_samples
 
     placed = [False] * num_frames
@@ -148,7 +149,7 @@ def window_plan(num_frames: int, num_samples: int, pairs) -> WindowPlan:
                     waiting.remove(j)
                     progress = True
     if waiting:
-        raise ValueError(f"pairs {pair_list} with NUM_SAMPLES={num_samples} give frames {waiting[:10]} of a "
+        raise InputError(f"pairs {pair_list} with NUM_SAMPLES={num_samples} give frames {waiting[:10]} of a "
                          f"{num_frames}-frame scan no path to frame 0")
 
     starts = sorted(chosen)
@@ -197,7 +198,7 @@ def _frames_on(frames, device: torch.device) -> torch.Tensor:
             array = array.copy()  # torch.from_numpy warns about (and may not share) read-only memory
         tensor = torch.from_numpy(array)
     if tensor.ndim != 3 or tensor.dtype != torch.uint8:
-        raise ValueError(f"frames must be uint8 [N, h, w]; got {tensor.dtype} {tuple(tensor.shape)}")
+        raise InputError(f"frames must be uint8 [N, h, w]; got {tensor.dtype} {tuple(tensor.shape)}")
     return tensor.to(device)
 
 
@@ -242,16 +243,16 @@ def predict_scan_transforms(
     """
     device = torch.device(device)
     if pred_type not in PRED_TYPES:
-        raise ValueError(f"pred_type={pred_type!r} is not one of {list(PRED_TYPES)}")
+        raise InputError(f"pred_type={pred_type!r} is not one of {list(PRED_TYPES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        raise InputError(f"batch_size={batch_size!r} must be a positive integer")
     pairs = pair_samples(num_samples, num_pred)
     num_pairs = len(pairs)
     reference_points = None
     num_points = 4
     if pred_type == "point":
         if image_points_mm is None:
-            raise ValueError("pred_type='point' needs image_points_mm, the [4, P] reference points in image mm")
+            raise InputError("pred_type='point' needs image_points_mm, the [4, P] reference points in image mm")
         reference_points = torch.as_tensor(image_points_mm).to(device="cpu", dtype=torch.float64)
         num_points = reference_points.shape[-1]
     values_per_pair = type_dim(pred_type, num_points, 1)
@@ -278,7 +279,7 @@ def predict_scan_transforms(
                 batch = scan[index].float().div_(255)  # only this batch exists as float
                 out = model(batch)
                 if out.ndim != 2 or out.shape != (len(index), width):
-                    raise ValueError(
+                    raise InputError(
                         f"model output {tuple(out.shape)} for {len(index)} windows; expected "
                         f"[{len(index)}, {width}] = {num_pairs} pairs x {values_per_pair} {pred_type!r} values "
                         f"(NUM_SAMPLES={num_samples}, NUM_PRED={num_pred})"
@@ -298,7 +299,7 @@ def predict_scan_transforms(
     if not bool(finite.all()):
         bad = torch.nonzero(~finite)[:, 0]
         start = int(plan.starts[bad[0]])
-        raise ValueError(
+        raise InputError(
             f"the model's output is not finite for scan window {start} (frames {start}..{start + num_samples - 1}); "
             f"{len(bad)} of {num_windows} windows affected"
         )
@@ -324,6 +325,6 @@ def predict_scan_transforms(
     finite = torch.isfinite(global_tforms).flatten(1).all(dim=1) & torch.isfinite(local_tforms).flatten(1).all(dim=1)
     if not bool(finite.all()):
         first_bad = int(torch.nonzero(~finite)[0, 0]) + 1
-        raise ValueError(f"the predicted transform of frame {first_bad} is not finite (e.g. a zero quaternion or "
+        raise InputError(f"the predicted transform of frame {first_bad} is not finite (e.g. a zero quaternion or "
                          f"a singular 'transform' prediction)")
     return global_tforms, local_tforms

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_path
+from utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +89,14 @@ class VolumeGrid:
         object.__setattr__(self, "direction", np.asarray(self.direction, dtype=np.float64).reshape(3, 3))
         object.__setattr__(self, "size", tuple(int(n) for n in self.size))
         if len(self.size) != 3 or min(self.size) < 1:
-            raise ValueError(f"grid size {self.size} must be three positive voxel counts (n_i, n_j, n_k)")
+            raise InputError(f"grid size {self.size} must be three positive voxel counts (n_i, n_j, n_k)")
         if not np.all(self.spacing > 0) or not np.all(np.isfinite(self.spacing)):
-            raise ValueError(f"grid spacing {self.spacing.tolist()} mm must be positive and finite")
+            raise InputError(f"grid spacing {self.spacing.tolist()} mm must be positive and finite")
         if not np.all(np.isfinite(self.origin)):
-            raise ValueError(f"grid origin {self.origin.tolist()} must be finite")
+            raise InputError(f"grid origin {self.origin.tolist()} must be finite")
         d = self.direction
         if np.abs(d.T @ d - np.eye(3)).max() > 1e-6 or np.linalg.det(d) < 0:
-            raise ValueError(f"grid direction must be a rotation (orthonormal, det +1), got\n{d}")
+            raise InputError(f"grid direction must be a rotation (orthonormal, det +1), got\n{d}")
 
     @property
     def shape(self) -> tuple:
@@ -138,7 +139,7 @@ class VolumeGrid:
 def _spacing3(spacing) -> np.ndarray:
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
     if not np.all(spacing > 0) or not np.all(np.isfinite(spacing)):
-        raise ValueError(f"spacing {spacing.tolist()} mm must be positive (one value or three)")
+        raise InputError(f"spacing {spacing.tolist()} mm must be positive (one value or three)")
     return spacing
 
 
@@ -178,7 +179,7 @@ def fit_grid(transforms, outline_mm, spacing=0.5, fit: str = "frame0", margin_mm
         ``VolumeGrid`` whose voxel centres lie within half a voxel of every outline point.
     """
     if fit not in GRID_FITS:
-        raise ValueError(f"grid fit {fit!r} is not one of {list(GRID_FITS)}")
+        raise InputError(f"grid fit {fit!r} is not one of {list(GRID_FITS)}")
     spacing = _spacing3(spacing)
     sets = transforms if isinstance(transforms, (list, tuple)) else [transforms]
     outline = np.asarray(outline_mm, dtype=np.float64)
@@ -186,7 +187,7 @@ def fit_grid(transforms, outline_mm, spacing=0.5, fit: str = "frame0", margin_mm
     points = np.concatenate([(np.asarray(t, dtype=np.float64) @ outline)[:, :3].transpose(0, 2, 1).reshape(-1, 3)
                              for t in sets])
     if not np.all(np.isfinite(points)):
-        raise ValueError("fit_grid: the transforms move the sector to non-finite positions")
+        raise InputError("fit_grid: the transforms move the sector to non-finite positions")
     axes = np.eye(3) if fit == "frame0" else _obb_axes(points)
     local = points @ axes  # coordinates along the grid axes
     low = local.min(axis=0) - margin_mm
@@ -194,7 +195,7 @@ def fit_grid(transforms, outline_mm, spacing=0.5, fit: str = "frame0", margin_mm
     size = np.ceil((high - low) / spacing - 1e-9).astype(np.int64) + 1
     count = int(np.prod(size))
     if count > max_voxels:
-        raise ValueError(
+        raise InputError(
             f"the grid would need {size.tolist()} = {count:,} voxels at spacing {spacing.tolist()} mm "
             f"(limit {max_voxels:,}): the frames span {(high - low).round(1).tolist()} mm; raise the spacing "
             "or check the transforms"
@@ -223,17 +224,17 @@ def frames_to_reference(global_transforms, num_frames: int) -> np.ndarray:
         global_transforms = global_transforms.detach().cpu().numpy()
     tforms = np.asarray(global_transforms, dtype=np.float64)
     if tforms.ndim != 3 or tforms.shape[1:] != (4, 4):
-        raise ValueError(f"global transforms must be [N-1, 4, 4] or [N, 4, 4], got shape {tforms.shape}")
+        raise InputError(f"global transforms must be [N-1, 4, 4] or [N, 4, 4], got shape {tforms.shape}")
     if tforms.shape[0] == num_frames - 1:
         tforms = np.concatenate([np.eye(4)[None], tforms])
     elif tforms.shape[0] != num_frames:
-        raise ValueError(
+        raise InputError(
             f"{tforms.shape[0]} transforms for a scan of {num_frames} frames: expected {num_frames - 1} "
             f"(T_0<-i, i = 1..N-1) or {num_frames} (one per frame)"
         )
     if not np.all(np.isfinite(tforms)):
         bad = int(np.flatnonzero(~np.isfinite(tforms).all(axis=(1, 2)))[0])
-        raise ValueError(f"global transforms: frame {bad} has non-finite values")
+        raise InputError(f"global transforms: frame {bad} has non-finite values")
     return tforms
 
 
@@ -266,12 +267,12 @@ def mask_from_frames(frames, threshold: int = 0, chunk: int = 64, open_px: int =
         hit = (np.asarray(block) > threshold).any(axis=0)
         union = hit if union is None else union | hit
     if union is None:
-        raise ValueError("mask_from_frames: the scan has no frames")
+        raise InputError("mask_from_frames: the scan has no frames")
     if open_px > 0:
         union = ndimage.binary_opening(union, structure=np.ones((3, 3), bool), iterations=open_px)
     labels, count = ndimage.label(union)
     if count == 0:
-        raise ValueError(f"mask_from_frames: every pixel of every frame is <= {threshold}: no ultrasound field")
+        raise InputError(f"mask_from_frames: every pixel of every frame is <= {threshold}: no ultrasound field")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     mask = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
@@ -288,7 +289,7 @@ def mask_outline_mm(mask: np.ndarray, scale) -> np.ndarray:
     """
     ys, xs = np.nonzero(np.asarray(mask, dtype=bool))
     if xs.size == 0:
-        raise ValueError("the sector mask is empty: no pixel to reconstruct")
+        raise InputError("the sector mask is empty: no pixel to reconstruct")
     points = np.unique(np.stack([xs, ys], axis=1), axis=0).astype(np.float64) + 1.0
     if len(points) >= 3:
         from scipy.spatial import ConvexHull, QhullError
@@ -338,7 +339,7 @@ def read_frame_chunks(frames, chunk: int):
     an h5py dataset, a numpy array or a torch tensor [N, H, W].
     """
     if chunk < 1:
-        raise ValueError(f"chunk={chunk}: expected at least one frame per chunk")
+        raise InputError(f"chunk={chunk}: expected at least one frame per chunk")
     total = num_frames_of(frames)
     for start in range(0, total, chunk):
         stop = min(total, start + chunk)
@@ -427,12 +428,12 @@ def _pixel_to_index_affines(to_reference: np.ndarray, scale: np.ndarray, grid: V
 def resolve_backend(backend: str, device) -> str:
     """``"numba"`` or ``"torch"``: ``auto`` is numba on the CPU, torch on other devices."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+        raise InputError(f"backend {backend!r} is not one of {list(BACKENDS)}")
     device = torch.device(device)
     if backend == "auto":
         return "numba" if device.type == "cpu" else "torch"
     if backend == "numba" and device.type != "cpu":
-        raise ValueError(f"backend 'numba' runs on the CPU only, got device {device}")
+        raise InputError(f"backend 'numba' runs on the CPU only, got device {device}")
     return backend
 
 
@@ -462,7 +463,7 @@ def compound(frames, global_transforms, scale, grid: VolumeGrid, mask=None, *, c
     to_reference = frames_to_reference(global_transforms, num)
     mask = np.ones((height, width), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if mask.shape != (height, width):
-        raise ValueError(f"sector mask has shape {mask.shape}, frames are {(height, width)}")
+        raise InputError(f"sector mask has shape {mask.shape}, frames are {(height, width)}")
     backend = resolve_backend(backend, device)
     affines = _pixel_to_index_affines(to_reference, scale, grid)
     bar = None
@@ -602,10 +603,10 @@ def fill_holes(values, sampled, radius: float = 2.0, sigma: float | None = None,
     values = torch.as_tensor(values)
     sampled = torch.as_tensor(sampled, device=values.device).bool()
     if values.shape != sampled.shape or values.dim() != 3:
-        raise ValueError(f"values {tuple(values.shape)} and sampled {tuple(sampled.shape)} must be the same 3-D shape")
+        raise InputError(f"values {tuple(values.shape)} and sampled {tuple(sampled.shape)} must be the same 3-D shape")
     values = values.float()
     if radius < 0:
-        raise ValueError(f"fill radius {radius} must be >= 0 voxels")
+        raise InputError(f"fill radius {radius} must be >= 0 voxels")
     reach = int(math.floor(radius))
     if reach < 1:
         return torch.where(sampled, values, torch.zeros_like(values)), torch.zeros_like(sampled)
@@ -693,7 +694,7 @@ def normalized_cross_correlation(a, b, mask=None) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"volumes of shapes {a.shape} and {b.shape} are not on one grid")
+        raise InputError(f"volumes of shapes {a.shape} and {b.shape} are not on one grid")
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         a, b = a[mask], b[mask]
@@ -706,7 +707,7 @@ def normalized_cross_correlation(a, b, mask=None) -> float:
 def compare_volumes(reference: Volume, other: Volume) -> dict:
     """NCC in the common coverage and coverage figures of two volumes on one grid."""
     if reference.values.shape != other.values.shape:
-        raise ValueError("compare_volumes: the volumes must share one grid (pass grid= to reconstruct)")
+        raise InputError("compare_volumes: the volumes must share one grid (pass grid= to reconstruct)")
     both = reference.covered() & other.covered()
     either = reference.covered() | other.covered()
     return {
@@ -728,7 +729,7 @@ def _image_suffix(path: Path) -> str:
     for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
         if name.endswith(suffix):
             return suffix
-    raise ValueError(f"{path}: unknown volume format; use one of .mha, .nii.gz, .nii, .nrrd")
+    raise InputError(f"{path}: unknown volume format; use one of .mha, .nii.gz, .nii, .nrrd")
 
 
 def write_volume(path, array, grid: VolumeGrid, compress: bool = True) -> Path:
@@ -743,7 +744,7 @@ def write_volume(path, array, grid: VolumeGrid, compress: bool = True) -> Path:
     suffix = _image_suffix(path)
     array = np.ascontiguousarray(array)
     if array.shape != grid.shape:
-        raise ValueError(f"array shape {array.shape} does not match the grid's {grid.shape} (n_k, n_j, n_i)")
+        raise InputError(f"array shape {array.shape} does not match the grid's {grid.shape} (n_k, n_j, n_i)")
     image = sitk.GetImageFromArray(array)
     image.SetSpacing([float(v) for v in grid.spacing])
     image.SetOrigin([float(v) for v in grid.origin])
@@ -762,7 +763,7 @@ def read_volume(path):
         raise FileNotFoundError(f"volume file not found: {path}")
     image = sitk.ReadImage(str(path))
     if image.GetDimension() != 3:
-        raise ValueError(f"{path}: expected a 3-D image, got {image.GetDimension()}-D")
+        raise InputError(f"{path}: expected a 3-D image, got {image.GetDimension()}-D")
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     grid = VolumeGrid(np.array(image.GetOrigin()), np.array(image.GetSpacing()), image.GetSize(), direction)
     return sitk.GetArrayFromImage(image), grid
@@ -841,11 +842,11 @@ def plot_orthogonal_slices(volumes: dict, path, title: str = "", centre=None, vm
 
     items = list(volumes.items())
     if not items:
-        raise ValueError("plot_orthogonal_slices: no volumes")
+        raise InputError("plot_orthogonal_slices: no volumes")
     grid = items[0][1].grid
     for label, volume in items[1:]:
         if volume.values.shape != grid.shape:
-            raise ValueError(f"volume {label!r} is not on the first volume's grid")
+            raise InputError(f"volume {label!r} is not on the first volume's grid")
     if centre is None:
         covered = np.argwhere(items[0][1].covered())
         if len(covered) == 0:
@@ -927,21 +928,21 @@ def read_transforms_file(path, num_frames: int, calib_R_T=None) -> np.ndarray:
             if key is None and len(names) == 1:
                 key = names[0]
             if key is None:
-                raise ValueError(f"{path}: no dataset named one of {list(TRANSFORM_KEYS) + ['tforms']} "
+                raise InputError(f"{path}: no dataset named one of {list(TRANSFORM_KEYS) + ['tforms']} "
                                  f"(found {sorted(names)})")
             array = handle[key][()]
             is_tracker = key == "tforms"
     else:
-        raise ValueError(f"{path}: transforms must be a .npy or .h5 file")
+        raise InputError(f"{path}: transforms must be a .npy or .h5 file")
     array = np.asarray(array, dtype=np.float64)
     if is_tracker:
         if calib_R_T is None:
-            raise ValueError(f"{path}: holds tracker poses ('tforms'), which need the calibration to convert")
+            raise InputError(f"{path}: holds tracker poses ('tforms'), which need the calibration to convert")
         if array.shape != (num_frames, 4, 4):
-            raise ValueError(f"{path}: 'tforms' has shape {array.shape}, expected ({num_frames}, 4, 4)")
+            raise InputError(f"{path}: 'tforms' has shape {array.shape}, expected ({num_frames}, 4, 4)")
         calib = np.asarray(calib_R_T, dtype=np.float64)
         array = np.linalg.inv(calib) @ np.linalg.inv(array[0]) @ array @ calib  # T_{0<-i}, DESIGN.md section 2
     try:
         return frames_to_reference(array, num_frames)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise InputError(f"{path}: {error}") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from utils.errors import InputError
+
 _RUN_PATTERN = re.compile(r"^(\d{3,})-")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -16,7 +18,7 @@ def make_run_dir(root, name: str) -> Path:
     takes the next one instead of writing into the winner's folder.
     """
     if not _NAME_PATTERN.match(name):
-        raise ValueError(f"run name {name!r} must be letters, digits, '_', '.', '-' (no path separators)")
+        raise InputError(f"run name {name!r} must be letters, digits, '_', '.', '-' (no path separators)")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in root.iterdir() if (m := _RUN_PATTERN.match(p.name))]

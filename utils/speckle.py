@@ -71,6 +71,7 @@ import torch
 
 from utils import transform as tf
 from utils.atomic import atomic_path
+from utils.errors import InputError
 
 SIGN_ZERO = "zero"
 SIGN_CONTINUITY = "continuity"
@@ -133,18 +134,18 @@ class SpeckleSettings:
         for name in ("patch_px", "pairs_per_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 4:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 4")
+                raise InputError(f"{name}={value!r}: expected an integer >= 4")
         for name in ("stride_px", "margin_px"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}: expected a positive integer or None (automatic)")
+                raise InputError(f"{name}={value!r}: expected a positive integer or None (automatic)")
         if not 0.0 < self.min_signal <= 1.0:
-            raise ValueError(f"min_signal={self.min_signal!r}: expected a fraction in (0, 1]")
+            raise InputError(f"min_signal={self.min_signal!r}: expected a fraction in (0, 1]")
         if not 0.0 <= self.rho_min < 1.0:
-            raise ValueError(f"rho_min={self.rho_min!r}: expected a correlation in [0, 1)")
+            raise InputError(f"rho_min={self.rho_min!r}: expected a correlation in [0, 1)")
         if isinstance(self.robust_iterations, bool) or not isinstance(self.robust_iterations, int) \
                 or self.robust_iterations < 0:
-            raise ValueError(f"robust_iterations={self.robust_iterations!r}: expected an integer >= 0")
+            raise InputError(f"robust_iterations={self.robust_iterations!r}: expected an integer >= 0")
 
     def resolved(self, height: int, width: int) -> tuple[int, int, int]:
         """``(patch, stride, margin)`` in pixels for frames of ``height`` x ``width``."""
@@ -390,17 +391,17 @@ def _as_frames(frames) -> torch.Tensor:
             array = array.copy()  # torch.from_numpy refuses (warns about) read-only memory
         tensor = torch.from_numpy(array)
     if tensor.ndim != 3 or tensor.dtype != torch.uint8:
-        raise ValueError(f"frames must be uint8 [N, H, W]; got {tensor.dtype} {tuple(tensor.shape)}")
+        raise InputError(f"frames must be uint8 [N, H, W]; got {tensor.dtype} {tuple(tensor.shape)}")
     return tensor
 
 
 def _pixel_size(scale) -> tuple[float, float]:
     scale = np.asarray(scale, dtype=np.float64)
     if scale.shape != (4, 4) or not np.all(np.isfinite(scale)):
-        raise ValueError(f"scale must be the finite [4, 4] pixel -> mm matrix S; got shape {scale.shape}")
+        raise InputError(f"scale must be the finite [4, 4] pixel -> mm matrix S; got shape {scale.shape}")
     sx, sy = float(scale[0, 0]), float(scale[1, 1])
     if not (sx > 0 and sy > 0):
-        raise ValueError(f"scale S has pixel sizes ({sx}, {sy}) mm; expected positive values on its diagonal")
+        raise InputError(f"scale S has pixel sizes ({sx}, {sy}) mm; expected positive values on its diagonal")
     return sx, sy
 
 
@@ -422,7 +423,7 @@ def measure_pairs(frames, scale, settings: SpeckleSettings | None = None, moving
     patch, stride, margin = settings.resolved(height, width)
     moving = torch.arange(1, num_frames) if moving is None else torch.as_tensor(moving, dtype=torch.long).reshape(-1)
     if len(moving) and (int(moving.min()) < 1 or int(moving.max()) > num_frames - 1):
-        raise ValueError(f"moving frames must be in 1..{num_frames - 1}; got {moving.min()}..{moving.max()}")
+        raise InputError(f"moving frames must be in 1..{num_frames - 1}; got {moving.min()}..{moving.max()}")
     corners = patch_grid(height, width, patch, stride, margin)
 
     # Signal per frame and patch, chunked (an int32 integral image of the whole scan would be 4 N H W bytes).
@@ -499,27 +500,27 @@ class SpeckleCalibration:
         edges = np.asarray(self.band_edges_mm, dtype=np.float64)
         bands = len(edges) - 1
         if edges.ndim != 1 or bands < 1 or not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
-            raise ValueError(f"{where}: 'band_edges_mm' must be at least 2 finite ascending depths (mm), "
+            raise InputError(f"{where}: 'band_edges_mm' must be at least 2 finite ascending depths (mm), "
                              f"got {list(self.band_edges_mm)}")
         for name, low, high in (("sigma_mm", 0.0, math.inf), ("rho0", 0.0, 1.0)):
             values = np.asarray(getattr(self, name), dtype=np.float64)
             if values.shape != (bands,) or not np.all(np.isfinite(values)) or not np.all(values > low) \
                     or not np.all(values <= high):
-                raise ValueError(f"{where}: {name!r} must hold {bands} values (one per depth band) in "
+                raise InputError(f"{where}: {name!r} must hold {bands} values (one per depth band) in "
                                  f"({low}, {high}], got {list(getattr(self, name))}")
         pixel = np.asarray(self.pixel_size_mm, dtype=np.float64)
         if pixel.shape != (2,) or not np.all(np.isfinite(pixel)) or not np.all(pixel > 0):
-            raise ValueError(f"{where}: 'pixel_size_mm' must be two positive sizes (S[0,0], S[1,1]) in mm, "
+            raise InputError(f"{where}: 'pixel_size_mm' must be two positive sizes (S[0,0], S[1,1]) in mm, "
                              f"got {self.pixel_size_mm!r}")
         if not isinstance(self.settings, SpeckleSettings):
-            raise ValueError(f"{where}: 'settings' must be SpeckleSettings, got {type(self.settings).__name__}")
+            raise InputError(f"{where}: 'settings' must be SpeckleSettings, got {type(self.settings).__name__}")
         if not (math.isfinite(self.stop_threshold_mm) and self.stop_threshold_mm >= 0):
-            raise ValueError(f"{where}: 'stop_threshold_mm' must be a finite number >= 0, "
+            raise InputError(f"{where}: 'stop_threshold_mm' must be a finite number >= 0, "
                              f"got {self.stop_threshold_mm!r}")
         if self.initial_sign not in (1, -1) or isinstance(self.initial_sign, bool):
-            raise ValueError(f"{where}: 'initial_sign' must be 1 or -1, got {self.initial_sign!r}")
+            raise InputError(f"{where}: 'initial_sign' must be 1 or -1, got {self.initial_sign!r}")
         if self.samples and len(self.samples) != bands:
-            raise ValueError(f"{where}: 'samples' must hold {bands} counts (one per depth band), "
+            raise InputError(f"{where}: 'samples' must hold {bands} counts (one per depth band), "
                              f"got {list(self.samples)}")
 
     def band_of(self, depth_mm: torch.Tensor) -> torch.Tensor:
@@ -553,17 +554,17 @@ class SpeckleCalibration:
     def from_dict(cls, record, source: str = "speckle calibration") -> SpeckleCalibration:
         """Rebuild from ``to_dict``'s output; ValueError naming ``source`` and the field otherwise."""
         if not isinstance(record, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(record).__name__}")
+            raise InputError(f"{source}: expected a JSON object, got {type(record).__name__}")
         version = record.get("format_version")
         if version != CALIBRATION_FORMAT_VERSION:
-            raise ValueError(f"{source}: 'format_version' is {version!r}; this code reads version "
+            raise InputError(f"{source}: 'format_version' is {version!r}; this code reads version "
                              f"{CALIBRATION_FORMAT_VERSION}")
         names = {field.name for field in dataclasses.fields(cls)}
         required = {"band_edges_mm", "sigma_mm", "rho0", "pixel_size_mm"}
         missing = sorted(required - set(record))
         unknown = sorted(set(record) - names - {"format_version"})
         if missing or unknown:
-            raise ValueError(f"{source}: missing field(s) {missing}, unknown field(s) {unknown}; expected "
+            raise InputError(f"{source}: missing field(s) {missing}, unknown field(s) {unknown}; expected "
                              f"{sorted(names)} and 'format_version'")
         values = {}
         try:
@@ -575,7 +576,7 @@ class SpeckleCalibration:
                 if name in record:
                     values[name] = kind(record[name])
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: a field has the wrong type ({error}); expected lists of numbers for "
+            raise InputError(f"{source}: a field has the wrong type ({error}); expected lists of numbers for "
                              "band_edges_mm, sigma_mm, rho0, pixel_size_mm") from None
         if "initial_sign" in record:
             values["initial_sign"] = record["initial_sign"]
@@ -583,16 +584,16 @@ class SpeckleCalibration:
             settings = record["settings"]
             known = {field.name for field in dataclasses.fields(SpeckleSettings)}
             if not isinstance(settings, dict) or set(settings) - known:
-                raise ValueError(f"{source}: 'settings' must be an object with some of {sorted(known)}, "
+                raise InputError(f"{source}: 'settings' must be an object with some of {sorted(known)}, "
                                  f"got {settings!r}")
             try:
                 values["settings"] = SpeckleSettings(**settings)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"{source}: 'settings': {error}") from None
+                raise InputError(f"{source}: 'settings': {error}") from None
         try:
             return cls(**values, _where=source)
         except TypeError as error:  # e.g. an initial_sign that is not a number
-            raise ValueError(f"{source}: {error}") from None
+            raise InputError(f"{source}: {error}") from None
 
     def save(self, path) -> Path:
         """Write ``to_dict`` as JSON (atomically); returns ``path``."""
@@ -610,7 +611,7 @@ class SpeckleCalibration:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not a valid JSON speckle calibration ({error})") from None
+            raise InputError(f"{path}: not a valid JSON speckle calibration ({error})") from None
         return cls.from_dict(record, source=str(path))
 
     def check_pixel_size(self, scale, tolerance: float = 1e-3) -> None:
@@ -618,7 +619,7 @@ class SpeckleCalibration:
         sx, sy = _pixel_size(scale)
         cx, cy = self.pixel_size_mm
         if abs(sx - cx) > tolerance * cx or abs(sy - cy) > tolerance * cy:
-            raise ValueError(f"the speckle calibration was made for pixels of {cx:.6g} x {cy:.6g} mm, these frames "
+            raise InputError(f"the speckle calibration was made for pixels of {cx:.6g} x {cy:.6g} mm, these frames "
                              f"have {sx:.6g} x {sy:.6g} mm (S); calibrate on training data of this pixel size")
 
 
@@ -639,7 +640,7 @@ def fit_decorrelation_curve(peak, displacement_mm) -> tuple[float, float]:
     finite = torch.isfinite(rho) & torch.isfinite(d2)
     rho, d2 = rho[finite], d2[finite]
     if len(rho) < 3 or float(d2.max() - d2.min()) <= 0:
-        raise ValueError(f"cannot fit a decorrelation curve to {len(rho)} samples without spread in the displacement")
+        raise InputError(f"cannot fit a decorrelation curve to {len(rho)} samples without spread in the displacement")
 
     def residual(log_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         curve = torch.exp(-d2[None] / (2 * torch.exp(2 * log_sigma)[:, None]))
@@ -681,10 +682,10 @@ def fit_depth_bands(peak, displacement_mm, depth_mm, band_mm: float = 10.0,
     displacement = np.asarray(displacement_mm, dtype=np.float64).reshape(-1)
     depth = np.asarray(depth_mm, dtype=np.float64).reshape(-1)
     if not peak.shape == displacement.shape == depth.shape:
-        raise ValueError(f"peak, displacement and depth must have the same length; got {peak.shape}, "
+        raise InputError(f"peak, displacement and depth must have the same length; got {peak.shape}, "
                          f"{displacement.shape}, {depth.shape}")
     if len(depth) < max(min_samples, 3):
-        raise ValueError(f"{len(depth)} patch samples are too few to calibrate the decorrelation curve "
+        raise InputError(f"{len(depth)} patch samples are too few to calibrate the decorrelation curve "
                          f"(need {max(min_samples, 3)}); calibrate on more training pairs")
     low = math.floor(depth.min() / band_mm) * band_mm
     high = max(math.ceil(depth.max() / band_mm) * band_mm, low + band_mm)
@@ -886,7 +887,7 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
         float64 [M].
     """
     if rule not in SIGN_RULES:
-        raise ValueError(f"sign rule {rule!r} is not one of {list(SIGN_RULES)}")
+        raise InputError(f"sign rule {rule!r} is not one of {list(SIGN_RULES)}")
     signs = torch.zeros(len(plane), dtype=torch.float64)
     if rule == SIGN_ZERO:
         return signs
@@ -1000,12 +1001,12 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
         ValueError: bad frames, scale or rule, or a calibration made for another pixel size.
     """
     if sign_rule not in SIGN_RULES:
-        raise ValueError(f"sign rule {sign_rule!r} is not one of {list(SIGN_RULES)}")
+        raise InputError(f"sign rule {sign_rule!r} is not one of {list(SIGN_RULES)}")
     calibration.check_pixel_size(scale)
     start = time.perf_counter()
     frames = _as_frames(frames)
     if len(frames) < 2:
-        raise ValueError(f"a scan needs at least 2 frames to predict motion; got {len(frames)}")
+        raise InputError(f"a scan needs at least 2 frames to predict motion; got {len(frames)}")
     measurements = measure_pairs(frames, scale, calibration.settings)
     estimate = estimate_motion(measurements, None if sign_rule == SIGN_ZERO else calibration)
     signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, sign_rule,
@@ -1055,7 +1056,7 @@ def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, 
         samples["depth"].append(centres[:, 1].expand_as(usable)[usable])
         kept.append((measurements, true_plane))
     if not kept:
-        raise ValueError("no training scans to calibrate the speckle decorrelation curve on")
+        raise InputError("no training scans to calibrate the speckle decorrelation curve on")
     edges, sigma, rho0, counts = fit_depth_bands(torch.cat(samples["peak"]), torch.cat(samples["displacement"]),
                                                  torch.cat(samples["depth"]), band_mm, min_samples)
     curve = SpeckleCalibration(tuple(edges), tuple(sigma), tuple(rho0), (sx, sy), settings, samples=tuple(counts),

@@ -49,6 +49,7 @@ from utils.challenge_data import (
     ScanRef,
     detect_layout,
 )
+from utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +124,13 @@ def subject_folds(subjects: Sequence[int], num_folds: int = DEFAULT_NUM_FOLDS,
     """
     ids = sorted(int(s) for s in subjects)
     if num_folds < 1:
-        raise ValueError(f"num_folds={num_folds}: expected at least 1")
+        raise InputError(f"num_folds={num_folds}: expected at least 1")
     if len(set(ids)) != len(ids):
         repeated = sorted({s for s in ids if ids.count(s) > 1})
-        raise ValueError(f"subject ids must be distinct; repeated: {repeated}")
+        raise InputError(f"subject ids must be distinct; repeated: {repeated}")
     n = len(ids)
     if n < num_folds:
-        raise ValueError(f"cannot split {n} subject(s) into {num_folds} folds: need at least {num_folds} subjects")
+        raise InputError(f"cannot split {n} subject(s) into {num_folds} folds: need at least {num_folds} subjects")
     # The baseline normalises the ratios and truncates n * ratio; written the same way so the float
     # rounding (and so the fold sizes) is the baseline's for every n and num_folds.
     ratio = 1 / num_folds
@@ -156,20 +157,20 @@ def _is_int(value) -> bool:
 
 def _check_folds(folds, source: str) -> list[list[int]]:
     if not isinstance(folds, (list, tuple)) or not folds:
-        raise ValueError(f"{source}: 'folds' must be a non-empty list of lists of subject ids, got {folds!r}")
+        raise InputError(f"{source}: 'folds' must be a non-empty list of lists of subject ids, got {folds!r}")
     seen: dict[int, int] = {}
     checked = []
     for k, fold in enumerate(folds):
         if not isinstance(fold, (list, tuple)):
-            raise ValueError(f"{source}: 'folds'[{k}] must be a list of subject ids, got {fold!r}")
+            raise InputError(f"{source}: 'folds'[{k}] must be a list of subject ids, got {fold!r}")
         ids = []
         for subject in fold:
             if isinstance(subject, np.integer):
                 subject = int(subject)
             if not _is_int(subject) or subject < 0:
-                raise ValueError(f"{source}: 'folds'[{k}] holds {subject!r}; subject ids are integers >= 0")
+                raise InputError(f"{source}: 'folds'[{k}] holds {subject!r}; subject ids are integers >= 0")
             if subject in seen:
-                raise ValueError(f"{source}: subject {subject} is in both fold {seen[subject]} and fold {k}")
+                raise InputError(f"{source}: subject {subject} is in both fold {seen[subject]} and fold {k}")
             seen[subject] = k
             ids.append(subject)
         checked.append(ids)
@@ -194,7 +195,7 @@ def write_folds(path, folds, data_root, seed: int, scans_by_subject: dict[int, l
     path = Path(path)
     folds = _check_folds(folds, f"write_folds({path})")
     if not _is_int(seed):
-        raise ValueError(f"write_folds({path}): seed must be an integer, got {seed!r}")
+        raise InputError(f"write_folds({path}): seed must be an integer, got {seed!r}")
     scans = {
         str(k): [key for subject in sorted(fold) for key in sorted(scans_by_subject.get(subject, []))]
         for k, fold in enumerate(folds)
@@ -226,29 +227,29 @@ def read_folds(path) -> list[list[int]]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a valid JSON folds file ({error})") from None
+        raise InputError(f"{path}: not a valid JSON folds file ({error})") from None
     if not isinstance(record, dict):
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a JSON object with fields {list(FOLDS_FILE_KEYS)}, got {type(record).__name__}"
         )
     missing = [key for key in FOLDS_FILE_KEYS if key not in record]
     if missing:
-        raise ValueError(f"{path}: missing field(s) {missing}; expected {list(FOLDS_FILE_KEYS)}")
+        raise InputError(f"{path}: missing field(s) {missing}; expected {list(FOLDS_FILE_KEYS)}")
     folds = _check_folds(record["folds"], str(path))
     if not _is_int(record["num_folds"]) or record["num_folds"] != len(folds):
-        raise ValueError(f"{path}: 'num_folds' is {record['num_folds']!r} but 'folds' holds {len(folds)} folds")
+        raise InputError(f"{path}: 'num_folds' is {record['num_folds']!r} but 'folds' holds {len(folds)} folds")
     if not _is_int(record["split_seed"]):
-        raise ValueError(f"{path}: 'split_seed' must be an integer, got {record['split_seed']!r}")
+        raise InputError(f"{path}: 'split_seed' must be an integer, got {record['split_seed']!r}")
     if not isinstance(record["data_root"], str):
-        raise ValueError(f"{path}: 'data_root' must be a string, got {record['data_root']!r}")
+        raise InputError(f"{path}: 'data_root' must be a string, got {record['data_root']!r}")
     scans = record["scans"]
     expected_keys = [str(k) for k in range(len(folds))]
     if not isinstance(scans, dict) or sorted(scans, key=str) != sorted(expected_keys):
         found = sorted(scans) if isinstance(scans, dict) else scans
-        raise ValueError(f"{path}: 'scans' must map each fold {expected_keys} to a list of scan keys, got {found!r}")
+        raise InputError(f"{path}: 'scans' must map each fold {expected_keys} to a list of scan keys, got {found!r}")
     for k, keys in scans.items():
         if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
-            raise ValueError(f"{path}: 'scans'[{k!r}] must be a list of scan keys (strings), got {keys!r}")
+            raise InputError(f"{path}: 'scans'[{k!r}] must be a list of scan keys (strings), got {keys!r}")
     return folds
 
 
@@ -266,14 +267,14 @@ def scans_of_folds(scans: list[ScanRef], folds, fold_ids: Sequence[int]) -> list
     chosen: set[int] = set()
     for fold_id in fold_ids:
         if not _is_int(fold_id) and not isinstance(fold_id, np.integer):
-            raise ValueError(f"fold id {fold_id!r} must be an integer in 0..{len(folds) - 1}")
+            raise InputError(f"fold id {fold_id!r} must be an integer in 0..{len(folds) - 1}")
         if not 0 <= fold_id < len(folds):
-            raise ValueError(f"fold id {fold_id} is out of range: there are {len(folds)} folds (0..{len(folds) - 1})")
+            raise InputError(f"fold id {fold_id} is out of range: there are {len(folds)} folds (0..{len(folds) - 1})")
         chosen.update(int(s) for s in folds[fold_id])
     selected = [ref for ref in scans if ref.subject in chosen]
     missing = sorted(chosen - {ref.subject for ref in selected})
     if missing:
-        raise ValueError(
+        raise InputError(
             f"subject(s) {missing} of folds {list(fold_ids)} have no scans in the dataset; "
             "the folds file belongs to another dataset (delete it or point to the right data root)"
         )
@@ -287,9 +288,9 @@ def scans_of_folds(scans: list[ScanRef], folds, fold_ids: Sequence[int]) -> list
 
 def _check_factor(factor, height: int, width: int) -> int:
     if not (_is_int(factor) or isinstance(factor, np.integer)) or factor < 1:
-        raise ValueError(f"down-sampling factor {factor!r}: expected an integer >= 1")
+        raise InputError(f"down-sampling factor {factor!r}: expected an integer >= 1")
     if factor > min(height, width):
-        raise ValueError(f"down-sampling factor {factor} is larger than the image ({height} x {width} pixels)")
+        raise InputError(f"down-sampling factor {factor} is larger than the image ({height} x {width} pixels)")
     return int(factor)
 
 
@@ -315,9 +316,9 @@ def downsample_frames(frames, factor: int):
     if not is_torch:
         frames = np.asarray(frames)
     if frames.dtype not in (np.uint8, torch.uint8):
-        raise ValueError(f"downsample_frames: frames must be uint8, got {frames.dtype}")
+        raise InputError(f"downsample_frames: frames must be uint8, got {frames.dtype}")
     if frames.ndim < 2:
-        raise ValueError(f"downsample_frames: frames must be [..., H, W], got shape {tuple(frames.shape)}")
+        raise InputError(f"downsample_frames: frames must be [..., H, W], got shape {tuple(frames.shape)}")
     height, width = int(frames.shape[-2]), int(frames.shape[-1])
     factor = _check_factor(factor, height, width)
     if factor == 1:
@@ -365,7 +366,7 @@ def downsampled_calibration(calibration: Calibration, factor: int) -> Calibratio
         a validated ``Calibration`` (float64).
     """
     if not (_is_int(factor) or isinstance(factor, np.integer)) or factor < 1:
-        raise ValueError(f"down-sampling factor {factor!r}: expected an integer >= 1")
+        raise InputError(f"down-sampling factor {factor!r}: expected an integer >= 1")
     factor = int(factor)
     if factor == 1:
         return calibration
@@ -383,7 +384,7 @@ def read_scan_frames(ref: ScanRef, downsample: int = 1, chunk: int = 256) -> np.
     float32 block sums) whatever N. For whole-scan inference.
     """
     if not _is_int(chunk) or chunk < 1:
-        raise ValueError(f"chunk={chunk!r}: expected an integer >= 1")
+        raise InputError(f"chunk={chunk!r}: expected an integer >= 1")
     with ScanFile(ref) as scan:
         height, width = scan.frame_size
         factor = _check_factor(downsample, height, width)
@@ -459,7 +460,7 @@ def cache_downsampled_scans(scans: list[ScanRef], factor: int, cache_dir, progre
     for ref in scans:
         other = seen.setdefault((ref.subject_folder, ref.name), ref)
         if other is not ref:
-            raise ValueError(
+            raise InputError(
                 f"cache_downsampled_scans: {other.frames_path} and {ref.frames_path} are both scan "
                 f"{ref.key}; one cache holds one dataset's scans (cache each dataset separately)"
             )
@@ -550,15 +551,15 @@ class FrameWindowDataset(torch.utils.data.Dataset):
                  reverse_prob: float = 0.0, max_stride: int = 1):
         scans = list(scans)
         if not scans:
-            raise ValueError("FrameWindowDataset: no scans given")
+            raise InputError("FrameWindowDataset: no scans given")
         if not _is_int(num_samples) or num_samples < 2:
-            raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 2 (a window holds at least a pair)")
+            raise InputError(f"num_samples={num_samples!r}: expected an integer >= 2 (a window holds at least a pair)")
         if not _is_int(sample_range) or sample_range < num_samples:
-            raise ValueError(f"sample_range={sample_range!r}: expected an integer >= num_samples={num_samples}")
+            raise InputError(f"sample_range={sample_range!r}: expected an integer >= num_samples={num_samples}")
         if not _is_int(max_stride) or max_stride < 1:
-            raise ValueError(f"max_stride={max_stride!r}: expected an integer >= 1")
+            raise InputError(f"max_stride={max_stride!r}: expected an integer >= 1")
         if not 0.0 <= float(reverse_prob) <= 1.0:
-            raise ValueError(f"reverse_prob={reverse_prob!r}: expected a probability in [0, 1]")
+            raise InputError(f"reverse_prob={reverse_prob!r}: expected a probability in [0, 1]")
         self.scans = scans
         self.num_samples = int(num_samples)
         self.sample_range = int(sample_range)
@@ -572,14 +573,14 @@ class FrameWindowDataset(torch.utils.data.Dataset):
                 sizes.append(scan.frame_size)
         for ref, length in zip(scans, lengths):
             if length < self.sample_range:
-                raise ValueError(
+                raise InputError(
                     f"scan {ref.key} ({ref.frames_path}) has {length} frames, fewer than "
                     f"sample_range={self.sample_range}; lower sample_range or leave the scan out"
                 )
         if len(set(sizes)) > 1:
             first = sizes[0]
             other = next(i for i, size in enumerate(sizes) if size != first)
-            raise ValueError(
+            raise InputError(
                 f"scans differ in frame size: {scans[0].key} is {first[0]} x {first[1]}, "
                 f"{scans[other].key} is {sizes[other][0]} x {sizes[other][1]}; a batch needs one size"
             )
@@ -706,11 +707,11 @@ class EpochSampler(torch.utils.data.Sampler):
         for name, value, low in (("num_scans", num_scans, 1), ("samples_per_scan", samples_per_scan, 1),
                                  ("world_size", world_size, 1), ("rank", rank, 0)):
             if not _is_int(value) or value < low:
-                raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+                raise InputError(f"{name}={value!r}: expected an integer >= {low}")
         if rank >= world_size:
-            raise ValueError(f"rank={rank} must be below world_size={world_size}")
+            raise InputError(f"rank={rank} must be below world_size={world_size}")
         if not _is_int(seed):
-            raise ValueError(f"seed={seed!r}: expected an integer")
+            raise InputError(f"seed={seed!r}: expected an integer")
         self.num_scans = num_scans
         self.samples_per_scan = samples_per_scan
         self.seed = seed
@@ -723,7 +724,7 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose list ``__iter__`` yields; resets the start to 0."""
         if not _is_int(epoch) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r}: expected an integer >= 0")
+            raise InputError(f"epoch={epoch!r}: expected an integer >= 0")
         self.epoch = epoch
         self.start = 0
 
@@ -731,7 +732,7 @@ class EpochSampler(torch.utils.data.Sampler):
         """Skip this rank's first ``position`` items of the current epoch (resume mid-epoch)."""
         total = self._rank_size()
         if not _is_int(position) or not 0 <= position <= total:
-            raise ValueError(f"start position {position!r}: expected an integer in 0..{total} (items on this rank)")
+            raise InputError(f"start position {position!r}: expected an integer in 0..{total} (items on this rank)")
         self.start = position
 
     def _rank_size(self) -> int:
