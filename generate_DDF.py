@@ -52,8 +52,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,7 +68,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils import metrics, speckle
 from utils.calibration import load_calibration
-from utils.challenge_data import CALIB_FILE, ScanFile, ScanRef, find_scans, read_scan
+from utils.challenge_data import CALIB_FILE, ScanFile, ScanRef, check_scans, find_scans, read_scan
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.cli import run_cli
 from utils.errors import InputError
@@ -75,6 +77,7 @@ from utils.evaluation import (
     configure_cpu_inference,
     evaluate_scan,
     format_tables,
+    frame_size_warning,
     plot_scan,
     prepare_model_for_inference,
     replaced_folder,
@@ -220,6 +223,24 @@ def default_out_dir(ckpt: Path, split: str, data_root: Path, same_root: bool) ->
     return Path(ckpt).resolve().parent / name
 
 
+def check_free_space_for_ddfs(sizes: dict, out_dir: Path) -> None:
+    """Raise OSError(ENOSPC) naming the folder when ``--save_ddfs`` cannot fit the predicted DDFs.
+
+    ``sizes``: ``{key: (N, H, W)}`` of the scans. GP and LP are float32 [N-1, 3, H*W] each (12 GB
+    for a 1500-frame 480x640 scan); landmark fields and HDF5 headers are small beside them, so 1 %
+    is added for them. Checked before any work: the disk may still fill during the run (another
+    process), which then fails with the same error and leaves no partial result.
+    """
+    needed = sum(int(2 * (n - 1) * 3 * h * w * 4 * 1.01) for n, h, w in sizes.values())
+    existing = Path(out_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"--save_ddfs needs {needed / 1e9:.2f} GB for the DDFs of {len(sizes)} scan(s), "
+                      f"{free / 1e9:.2f} GB are free there (drop --save_ddfs, or choose another --out)", str(existing))
+
+
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -288,8 +309,15 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
     calibration = load_calibration(args.calib_file or data_root / CALIB_FILE)
     same_root = checkpoint_root is not None and data_root.resolve() == checkpoint_root.resolve()
     refs, split = select_scans(find_scans(data_root), checkpoint, args.split, same_root)
+    sizes = check_scans(refs)  # a damaged or short scan fails now, not after minutes of work on the others
     out_dir = Path(args.out) if args.out is not None else default_out_dir(args.ckpt, split, data_root, same_root)
+    if args.save_ddfs:
+        check_free_space_for_ddfs(sizes, out_dir)
     model = prepare_model_for_inference(model_from_checkpoint(checkpoint, device), device)
+    for height, width in sorted({(h, w) for _, h, w in sizes.values()}):
+        message = frame_size_warning(model, checkpoint.get("frame_size"), height, width)
+        if message is not None:
+            log.warning("%s (%s)", message, args.ckpt)
     model_name = checkpoint["model_args"].get("name")
     del checkpoint  # the optimiser state is not needed and can be as large as the model
     interactive = sys.stderr.isatty()
@@ -356,8 +384,11 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
         curve = speckle.SpeckleCalibration.load(args.speckle_calibration)  # fails before any work
         curve.check_pixel_size(calibration.scale)
     train, refs = speckle_split(find_scans(data_root), args.split, calibrated=curve is not None)
+    sizes = check_scans(list(dict.fromkeys(train + refs)))  # before any work, as for the network
     out_dir = Path(args.out) if args.out is not None else default_speckle_out_dir(data_root, args.split,
                                                                                   args.speckle_sign)
+    if args.save_ddfs:
+        check_free_space_for_ddfs({ref.key: sizes[ref.key] for ref in refs}, out_dir)
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     scale = np.array(calibration.scale)
@@ -449,6 +480,10 @@ def _print_report(out_dir: Path, table: pd.DataFrame, text: str, args) -> None:
     print("\n" + text)
     if table["GLE"].isna().any():
         print("(landmark errors and the scores built on them are absent where a scan has no landmarks)")
+    still = [record["key"] for record in table.to_dict("records") if metrics.without_motion(
+        {name: record[name + metrics.IDENTITY_SUFFIX] for name in metrics.ERROR_NAMES})]
+    if still:
+        print(f"(scores are undefined for the {len(still)} scan(s) whose probe does not move: {_short(still)})")
     print(f"\nResults: {out_dir} (scores.csv, summary.csv, metrics.h5)"
           + (f"; plots: {out_dir / 'plots'}" if args.plots else "")
           + (f"; DDFs: {out_dir / 'ddfs'}" if args.save_ddfs else ""))
@@ -467,6 +502,10 @@ def _evaluate_all(evaluate, refs, staging: Path, scale, args) -> list:
             if args.plots:
                 plot_scan(result, scale, staging / "plots")
             results.append(result)
+            if metrics.without_motion(result.identity_errors):
+                log.warning("%s: the probe does not move (no-motion GPE %.2g mm): its normalised scores are "
+                            "undefined (NaN in scores.csv), and so are the means over a group holding it", ref.key,
+                            result.identity_errors["GPE"])
             errors, scores = result.errors, result.scores
             log.info("[%d/%d] %s: %d frames, GPE %.3f GLE %s LPE %.3f LLE %s mm, final %s, %.2f s (%.1f frames/s)%s, "
                      "ETA %s", index + 1, len(refs), ref.key, result.num_frames, errors["GPE"], _mm(errors["GLE"]),

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from utils.evaluation import (
     PredictionSettings,
     check_finite_transforms,
     configure_cpu_inference,
+    frame_size_warning,
     predict_transforms,
     prepare_model_for_inference,
 )
@@ -55,6 +57,7 @@ class Predictor:
     settings: PredictionSettings
     device: torch.device
     checkpoint: Path
+    frame_size: tuple[int, int] | None = None  # (H, W) trained on; None for older checkpoints
 
 
 _PREDICTORS: dict[tuple[str, str], tuple[int, Predictor]] = {}
@@ -92,7 +95,9 @@ def load_predictor(device, checkpoint=None) -> Predictor:
             configure_cpu_inference()
         ckpt = load_checkpoint(path)
         model = prepare_model_for_inference(model_from_checkpoint(ckpt, device), device)
-        predictor = Predictor(model, PredictionSettings.from_options(ckpt["options"]), device, path)
+        trained = ckpt.get("frame_size")
+        predictor = Predictor(model, PredictionSettings.from_options(ckpt["options"]), device, path,
+                              None if trained is None else (int(trained[0]), int(trained[1])))
         _PREDICTORS[key] = (stamp, predictor)
         return predictor
 
@@ -133,6 +138,9 @@ def predict_ddfs(frames, landmark, data_path_calib, device):
     if frames.ndim != 3 or frames.dtype != np.uint8:
         raise InputError(f"predict_ddfs: frames must be uint8 [N, H, W], got {frames.dtype} {frames.shape}")
     height, width = int(frames.shape[1]), int(frames.shape[2])
+    message = frame_size_warning(predictor.model, predictor.frame_size, height, width)
+    if message is not None:
+        warnings.warn(f"predict_ddfs: {message} ({predictor.checkpoint})", stacklevel=2)
     calibration = load_calibration(data_path_calib)
     if landmark is None:
         landmark = np.zeros((0, 3), dtype=np.int64)

@@ -17,6 +17,10 @@ For every selected scan of a dataset (either challenge layout), this
 5. writes ``summary.csv`` (one row per scan and pose source), ``summary.json`` and ``log.txt`` into a new
    ``results/<NNN>-reconstruct/``.
 
+Every input (the scans, the transforms files, the mask, the grid's size, the checkpoint) is checked before
+the run folder is made, and a run that fails before writing any result removes its folder: a bad input
+gives one line on stderr and leaves no numbered folder behind.
+
 Examples::
 
     python reconstruct.py --data data/sim --scan 000/LH_rotation
@@ -41,12 +45,15 @@ frame; or ``.h5`` with a ``global_transforms`` dataset (or ``tforms`` tracker po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
+import math
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -155,16 +162,23 @@ def _transforms_path(path: Path, ref) -> Path:
     return path
 
 
-def _load_mask(spec: str, ref, root: Path, scan_file, calibration):
-    """(bool [H, W] mask, its source) for ``--mask``."""
+def _mask_spec(spec: str, ref, root: Path) -> str:
+    """``--mask`` for scan ``ref`` with ``auto`` resolved: the simulator's probe sector where the
+    phantom is known (a simulated scan), else the field seen in the frames."""
+    from utils.bone_surface import side_file_of
+
+    if spec != "auto":
+        return spec
+    return "probe" if side_file_of(root, ref.subject, ref.name).is_file() else "frames"
+
+
+def _load_mask(spec: str, scan_file, calibration):
+    """(bool [H, W] mask, its source) for a resolved ``--mask`` (``_mask_spec``); ``frames`` reads every frame."""
     import numpy as np
 
     from utils import reconstruction as rec
-    from utils.bone_surface import side_file_of
 
     height, width = scan_file.frame_size
-    if spec == "auto":
-        spec = "probe" if side_file_of(root, ref.subject, ref.name).is_file() else "frames"
     if spec == "probe":
         return rec.probe_sector_mask(height, width, calibration.pixel_size_mm), "probe"
     if spec == "frames":
@@ -187,6 +201,13 @@ def _load_mask(spec: str, ref, root: Path, scan_file, calibration):
     return mask, str(path)
 
 
+def _check_spacing(spacing: list) -> None:
+    """Refuse a ``--spacing`` that is no voxel size (0, negative, nan, inf) before any work."""
+    if not all(math.isfinite(value) and value > 0 for value in spacing):
+        raise InputError(f"--spacing {' '.join(str(v) for v in spacing)}: expected 1 or 3 positive, finite "
+                         "voxel sizes in mm (e.g. --spacing 0.5)")
+
+
 def _setup_logging(run_dir: Path) -> logging.Handler:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -201,28 +222,134 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# --------------------------------------------------------------------------------------------
-# One scan
-# --------------------------------------------------------------------------------------------
+def _discard_if_empty(run_dir: Path) -> None:
+    """Remove a failed run's folder when it holds nothing but ``log.txt``.
+
+    A numbered folder without results would pass for a run (and take the next number); the error
+    itself is on stderr. A folder with any result (an earlier scan's volumes) stays, log included.
+    """
+    with contextlib.suppress(OSError):  # never hide the error that ended the run
+        if {p.name for p in run_dir.iterdir()} <= {"log.txt"}:
+            (run_dir / "log.txt").unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
-def reconstruct_one(ref, root: Path, calibration, args, run_dir: Path) -> list[dict]:
-    """Reconstruct, export, compare and score one scan; returns its summary rows."""
+# --------------------------------------------------------------------------------------------
+# Before the run folder: every scan's poses, mask and grid
+# --------------------------------------------------------------------------------------------
+
+SOURCE_ORDER = ("true", "pred", "drift")  # rows of summary.csv and of the slice pictures
+
+
+@dataclass
+class ScanPlan:
+    """One scan, read and checked before the run folder is made (``plan_scan``).
+
+    Attributes:
+        ref: the scan (``utils.challenge_data.ScanRef``).
+        sources: ``{label: float64 [N, 4, 4]}`` frame i's image mm -> reference mm (frame 0's image
+            mm) for the poses known before the run: ``true`` (tracker), ``pred`` (``--transforms``),
+            ``drift``; a ``--ckpt`` prediction is added while reconstructing.
+        transforms_path: the ``--transforms`` file read for this scan, or None.
+        mask: bool [H, W] sector mask, or None: from the frames, computed while reconstructing.
+        mask_source: ``probe``, ``frames``, ``none`` or the mask file.
+    """
+
+    ref: object
+    sources: dict
+    transforms_path: Path | None
+    mask: object
+    mask_source: str
+
+
+def _drift_source(tforms, calib, ref, args):
+    """float64 [N, 4, 4]: a drifting prediction of the tracker poses ``tforms`` [N, 4, 4] (``--drift``)."""
+    import numpy as np
+
+    from simulation.drift import drifting_prediction
+    from utils import reconstruction as rec
+    from utils import transform as tf
+
+    # Seeded per scan, so a scan's drift does not depend on which other scans were selected.
+    rng = np.random.default_rng([args.seed, ref.subject, sum(map(ord, ref.name))])
+    local = drifting_prediction(tf.local_transforms(tforms, calib), rng, args.drift_bias, args.drift_noise_mm,
+                                args.drift_noise_rad)
+    return rec.frames_to_reference(tf.chain_local_transforms(local), len(tforms))
+
+
+def _fit_grid(ref, sources: dict, mask, calibration, args):
+    """The grid holding every source's sector: one grid for all, so their volumes compare voxel by voxel."""
+    from utils import reconstruction as rec
+
+    try:
+        return rec.fit_grid(list(sources.values()), rec.mask_outline_mm(mask, calibration.scale), args.spacing,
+                            args.grid, args.margin)
+    except InputError as error:
+        raise InputError(f"scan {ref.key}: {error}") from None
+
+
+def plan_scan(ref, root: Path, calibration, args) -> ScanPlan:
+    """Read and check what reconstructing ``ref`` needs, so bad input is refused before the run folder.
+
+    Reads the tracker poses, the ``--transforms`` file (shape, finite, rigid) and the drift, loads
+    the mask and checks the grid against the voxel limit. A mask from the frames reads every frame,
+    the slow part of a scan: it is computed here only when the whole frame (which holds any mask)
+    gives a grid over the limit, so that the limit is never applied to a mask larger than the real one.
+    """
     import numpy as np
     import torch
 
-    from utils import bone_surface as bones
     from utils import reconstruction as rec
     from utils import transform as tf
     from utils.challenge_data import ScanFile
 
-    rows = []
     with ScanFile(ref) as scan_file:
         num = scan_file.num_frames
         height, width = scan_file.frame_size
         tforms = torch.from_numpy(scan_file.read_tforms().astype(np.float64))
         calib = torch.from_numpy(np.array(calibration.calib_R_T))
         sources = {"true": rec.frames_to_reference(tf.global_transforms(tforms, calib), num)}
+        transforms_path = None
+        if args.transforms is not None:
+            transforms_path = _transforms_path(args.transforms, ref)
+            sources["pred"] = rec.read_transforms_file(transforms_path, num, calibration.calib_R_T)
+        if args.drift:
+            sources["drift"] = _drift_source(tforms, calib, ref, args)
+        spec = _mask_spec(args.mask, ref, root)
+        mask = None
+        if spec == "frames":
+            try:
+                _fit_grid(ref, sources, np.ones((height, width), dtype=bool), calibration, args)
+            except InputError:  # over the limit with the whole frame: the real mask decides
+                mask, spec = _load_mask(spec, scan_file, calibration)
+        else:
+            mask, spec = _load_mask(spec, scan_file, calibration)
+        if mask is not None:
+            _fit_grid(ref, sources, mask, calibration, args)
+    return ScanPlan(ref, sources, transforms_path, mask, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# One scan
+# --------------------------------------------------------------------------------------------
+
+
+def reconstruct_one(plan: ScanPlan, root: Path, calibration, args, run_dir: Path) -> list[dict]:
+    """Reconstruct, export, compare and score one scan (checked by ``plan_scan``); returns its summary rows."""
+    import numpy as np
+
+    from utils import bone_surface as bones
+    from utils import reconstruction as rec
+    from utils.challenge_data import ScanFile
+
+    ref = plan.ref
+    rows = []
+    with ScanFile(ref) as scan_file:
+        num = scan_file.num_frames
+        height, width = scan_file.frame_size
+        sources = dict(plan.sources)
+        if plan.transforms_path is not None:
+            log.info("%s: predicted transforms from %s", ref.key, plan.transforms_path)
         if args.predictor is not None:
             from utils.evaluation import predict_transforms
 
@@ -231,23 +358,13 @@ def reconstruct_one(ref, root: Path, calibration, args, run_dir: Path) -> list[d
                                                          args.device)
             sources["pred"] = rec.frames_to_reference(global_pred, num)
             log.info("%s: transforms predicted by %s in %.1f s", ref.key, args.ckpt, seconds)
-        if args.transforms is not None:
-            path = _transforms_path(args.transforms, ref)
-            sources["pred"] = rec.read_transforms_file(path, num, calibration.calib_R_T)
-            log.info("%s: predicted transforms from %s", ref.key, path)
-        if args.drift:
-            from simulation.drift import drifting_prediction
-
-            rng = np.random.default_rng([args.seed, ref.subject, sum(map(ord, ref.name))])
-            local = drifting_prediction(tf.local_transforms(tforms, calib), rng, args.drift_bias,
-                                        args.drift_noise_mm, args.drift_noise_rad)
-            sources["drift"] = rec.frames_to_reference(tf.chain_local_transforms(local), num)
+        sources = {label: sources[label] for label in SOURCE_ORDER if label in sources}
 
         started = time.perf_counter()
-        mask, mask_source = _load_mask(args.mask, ref, root, scan_file, calibration)
-        # One grid for every pose source, so their volumes can be compared voxel by voxel.
-        grid = rec.fit_grid(list(sources.values()), rec.mask_outline_mm(mask, calibration.scale), args.spacing,
-                            args.grid, args.margin)
+        mask, mask_source = plan.mask, plan.mask_source
+        if mask is None:
+            mask, mask_source = _load_mask(mask_source, scan_file, calibration)
+        grid = _fit_grid(ref, sources, mask, calibration, args)
         log.info("%s: %d frames of %dx%d, mask %s (%.0f %% of the frame), grid %s voxels of %s mm (%.1f M)",
                  ref.key, num, height, width, mask_source, 100 * mask.mean(), list(grid.size),
                  [round(float(v), 3) for v in grid.spacing], grid.num_voxels / 1e6)
@@ -337,13 +454,14 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     if len(args.spacing) not in (1, 3):
         parser.error(f"--spacing takes 1 or 3 values, got {len(args.spacing)}")
+    _check_spacing(args.spacing)
     if args.frame_step < 1 or args.chunk < 1 or args.fill_radius < 0:
         parser.error("--frame-step and --chunk must be >= 1 and --fill-radius >= 0")
     import torch
 
     from utils.atomic import atomic_path
     from utils.calibration import load_calibration
-    from utils.challenge_data import CALIB_FILE, find_scans
+    from utils.challenge_data import CALIB_FILE, check_scans, find_scans
     from utils.run_dir import make_run_dir
 
     if args.threads is not None:
@@ -361,6 +479,10 @@ def main(argv=None) -> Path:
                          "pass one --scan, or a folder of <key>.npy / <key>.h5")
     if args.ckpt is not None and args.transforms is not None:
         parser.error("--ckpt and --transforms both give the predicted transforms: choose one")
+    # Every input is checked before the run folder is made, so a bad one leaves no empty run behind:
+    # the scans' files, poses and landmarks first (headers only: seconds), then per scan the
+    # transforms files, the mask and the grid's size. min_frames=1: one frame is a valid (flat) volume.
+    check_scans(refs, min_frames=1)
     args.predictor = None
     if args.ckpt is not None:
         from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -369,13 +491,15 @@ def main(argv=None) -> Path:
         checkpoint = load_checkpoint(args.ckpt)  # once, for every scan
         args.predictor = (model_from_checkpoint(checkpoint, args.device),
                           PredictionSettings.from_options(checkpoint["options"]))
+    plans = [plan_scan(ref, args.data, calibration, args) for ref in refs]
     run_dir = make_run_dir(args.out, args.name)
-    handler = _setup_logging(run_dir)
+    handler, finished = None, False
     try:
+        handler = _setup_logging(run_dir)
         log.info("run folder: %s; %d scan(s) from %s", run_dir, len(refs), args.data)
         rows = []
-        for ref in refs:
-            rows += reconstruct_one(ref, args.data, calibration, args, run_dir)
+        for plan in plans:
+            rows += reconstruct_one(plan, args.data, calibration, args, run_dir)
         _write_csv(rows, run_dir / "summary.csv")
         record = {"arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k != "predictor"},
@@ -383,9 +507,13 @@ def main(argv=None) -> Path:
         with atomic_path(run_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2, default=float))
         log.info("done: %s (peak memory %.0f MB)", run_dir / "summary.csv", record["peak_rss_mb"])
+        finished = True
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if not finished:  # e.g. a --ckpt prediction's grid over the limit, found after the folder was made
+            _discard_if_empty(run_dir)
     return run_dir
 
 

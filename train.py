@@ -31,6 +31,8 @@ import datetime
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -47,9 +49,18 @@ from options.core import build_parser, load_preset, options_from_dict, options_t
 from options.train_options import TrainOptions
 from utils import transform as tf
 from utils.calibration import load_calibration
-from utils.challenge_data import CALIB_FILE, ScanFile, find_scans
-from utils.checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state, unwrap_model
-from utils.cli import run_cli
+from utils.challenge_data import CALIB_FILE, ScanFile, check_scans, find_scans
+from utils.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
+from utils.atomic import atomic_path
+from utils.cli import Interrupted, StopSignals, ignore_stop_signals, run_cli
 from utils.errors import InputError
 from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan, image_points_mm
 from utils.plotting import plot_training_curves
@@ -346,7 +357,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
                     options: TrainOptions, state: dict, distributed: Distributed, description: str) -> dict:
     """Train over ``loader`` (already positioned for a resumed epoch); updates ``state`` in place.
 
-    ``state`` holds ``step`` and ``batch_in_epoch`` and a ``save`` callback for step checkpoints.
+    ``state`` holds ``step`` and ``batch_in_epoch``, a ``save`` callback for step checkpoints and
+    ``stop`` (``StopSignals``: the epoch ends after the step during which Ctrl-C / SIGTERM came).
     Returns the epoch's mean loss and point distance over this process's batches, the time spent
     waiting for data and the number of samples. Stops early at ``options.max_steps``.
     """
@@ -402,6 +414,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
         progress.update(loss_value, dist_mm)
         if options.save_every_steps and state["step"] % options.save_every_steps == 0:
             state["save"]("last.pt")
+        if stop_requested(state.get("stop"), device, distributed):
+            break
     progress.close()
     elapsed = time.perf_counter() - start
     totals = all_reduce_sums([loss_sum, dist_sum, batches, samples, data_wait, elapsed], device, distributed)
@@ -414,6 +428,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
         "epoch_s": elapsed,
         "batches": int(batches),
     }
+
+
+def stop_requested(stop: StopSignals | None, device: torch.device, distributed: Distributed) -> bool:
+    """Whether Ctrl-C / SIGTERM asked the run to stop (``stop`` None: nothing listens); under DDP,
+    whether any rank was asked, so every rank stops after the same step (one rank leaving the
+    collective calls would hang the others)."""
+    requested = stop is not None and stop.requested
+    if not distributed.enabled:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -506,7 +532,9 @@ def resolve_options(argv) -> tuple[TrainOptions, argparse.Namespace, dict | None
     if getattr(namespace, "preset", None) or namespace.init_weights is not None:
         raise InputError("--resume continues a run with the options in its checkpoint: "
                          "--preset and --init_weights cannot be combined with it")
+    namespace.resume = resume_checkpoint_path(namespace.resume)
     checkpoint = load_checkpoint(namespace.resume)
+    check_finite_weights(checkpoint["model"], namespace.resume)
     refused = sorted(set(given) - RESUMABLE_OVERRIDES)
     if refused:
         raise InputError(f"--resume: {refused} cannot change in a resumed run (allowed: {sorted(RESUMABLE_OVERRIDES)})")
@@ -514,6 +542,36 @@ def resolve_options(argv) -> tuple[TrainOptions, argparse.Namespace, dict | None
     values.update(given)
     options = options_from_dict(TrainOptions, values, source=f"{namespace.resume} + command line")
     return options, namespace, checkpoint
+
+
+def resume_checkpoint_path(path: Path) -> Path:
+    """The checkpoint ``--resume`` continues: ``path`` itself, or a run folder's ``last.pt``.
+
+    A resumed run writes its logs, metrics and checkpoints into the checkpoint's folder, so that
+    folder must be a run folder (``options.yaml`` beside the checkpoint, as ``train.py`` writes it);
+    a checkpoint copied elsewhere starts a new run with ``--init_weights`` instead.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "last.pt").is_file():
+            raise InputError(f"--resume {path}: this folder holds no last.pt; pass a run folder of train.py "
+                             "or its last.pt")
+        path = path / "last.pt"
+    elif not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint or run folder")
+    if not (path.parent / "options.yaml").is_file():
+        raise InputError(f"--resume {path}: not inside a run folder (no options.yaml beside it), so there is no "
+                         "run to continue; to start a new run from these weights use --init_weights")
+    return path
+
+
+def check_finite_weights(state: dict, source) -> None:
+    """Raise InputError naming the first weight that holds NaN or inf: training on from such weights
+    would fail at its first step, with advice (lower the learning rate) that cannot help."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise InputError(f"{source}: weight {name!r} holds NaN or inf; the run had diverged when this "
+                             "checkpoint was saved: resume from an earlier checkpoint or start again")
 
 
 def prepare_folds(options: TrainOptions, scans) -> list[list[int]]:
@@ -602,14 +660,23 @@ def _run(argv, distributed: Distributed) -> TrainResult:
     options, namespace, checkpoint = resolve_options(argv)
     setup_logging(None, distributed)
     device = setup_device(options, distributed)
+    data = prepare_data(options, checkpoint, distributed)  # every input is checked before a run folder exists
     run_dir = open_run_dir(options, namespace, checkpoint, distributed)
+    with removed_if_unused(run_dir, distributed.is_main and checkpoint is None):
+        return _train(options, namespace, checkpoint, device, data, run_dir, distributed)
+
+
+def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, data: RunData, run_dir: Path,
+           distributed: Distributed) -> TrainResult:
     setup_logging(run_dir, distributed)
     log.info("run folder: %s", run_dir)
     log.info("device: %s, processes: %d", device, distributed.world_size)
-
-    data = prepare_data(options, checkpoint, distributed)
+    log_data(options, data)
     if distributed.is_main and checkpoint is None:
         write_run_description(run_dir, options, data)
+    if distributed.is_main and checkpoint is not None:
+        # Rows of epochs after the checkpoint come from the run that died: they are trained again.
+        keep_metrics_rows_until(run_dir / "metrics.csv", checkpoint["epoch"])
     loaders = make_loaders(options, data, device, distributed)
     geometry = make_geometry(options, data, device)
     label_stats = checkpoint["label_stats"] if checkpoint is not None and "label_stats" in checkpoint \
@@ -642,6 +709,7 @@ def _run(argv, distributed: Distributed) -> TrainResult:
             "batch_in_epoch": state["batch_in_epoch"], "step": state["step"], "best": dict(state["best"]),
             "options": options_to_dict(options), "model_args": model_args, "rng": rng_state(),
             "folds": [list(map(int, fold)) for fold in data.folds], "label_stats": label_stats,
+            "frame_size": [data.height, data.width],
         })
 
     state["save"] = save
@@ -677,36 +745,43 @@ def _run(argv, distributed: Distributed) -> TrainResult:
         if row["epoch"] % options.freq_info == 0 or row["epoch"] == options.num_epochs:
             log_epoch(row)
 
-    try:
-        # Epoch 0 is the untrained network: the first point of the validation curve.
-        if checkpoint is None:
-            row = {"epoch": 0, "step": 0, "lr": optimizer.param_groups[0]["lr"]}
-            validate(0, row)
-            record(row)
-        while state["epoch"] < options.num_epochs:
-            if options.max_steps is not None and state["step"] >= options.max_steps:
-                break
-            epoch = state["epoch"]
-            loaders.train_sampler.set_epoch(epoch)
-            loaders.train_sampler.set_start(state["batch_in_epoch"] * options.minibatch_size)
-            stats = train_one_epoch(train_model, loaders.train, optimizer, scheduler, scaler, geometry, device, options,
-                                    state, distributed, description=f"epoch {epoch + 1}")
-            if state["batch_in_epoch"] < steps_per_epoch:  # stopped inside the epoch (max_steps)
-                break
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            row = {"epoch": state["epoch"], "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": stats["train_loss"], "train_dist": stats["train_dist"], "epoch_s": stats["epoch_s"],
-                   "samples_per_s": stats["samples"] / stats["epoch_s"] if stats["epoch_s"] > 0 else math.nan,
-                   "data_wait_fraction": stats["data_wait_fraction"]}
-            validate(state["epoch"], row)
-            record(row)
-            if state["epoch"] % options.freq_save == 0:
-                save("last.pt")
-        save("last.pt")
-    finally:
-        if tb_writer is not None:
-            tb_writer.close()
+    with StopSignals() as stop:  # Ctrl-C / SIGTERM: finish the step, save last.pt, then stop
+        state["stop"] = stop
+        try:
+            # Epoch 0 is the untrained network: the first point of the validation curve.
+            if checkpoint is None:
+                row = {"epoch": 0, "step": 0, "lr": optimizer.param_groups[0]["lr"]}
+                validate(0, row)
+                record(row)
+            while state["epoch"] < options.num_epochs and not stop_requested(stop, device, distributed):
+                if options.max_steps is not None and state["step"] >= options.max_steps:
+                    break
+                epoch = state["epoch"]
+                loaders.train_sampler.set_epoch(epoch)
+                loaders.train_sampler.set_start(state["batch_in_epoch"] * options.minibatch_size)
+                stats = train_one_epoch(train_model, loaders.train, optimizer, scheduler, scaler, geometry, device,
+                                        options, state, distributed, description=f"epoch {epoch + 1}")
+                if state["batch_in_epoch"] < steps_per_epoch:  # stopped inside the epoch (max_steps, a signal)
+                    break
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+                row = {"epoch": state["epoch"], "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
+                       "train_loss": stats["train_loss"], "train_dist": stats["train_dist"],
+                       "epoch_s": stats["epoch_s"],
+                       "samples_per_s": stats["samples"] / stats["epoch_s"] if stats["epoch_s"] > 0 else math.nan,
+                       "data_wait_fraction": stats["data_wait_fraction"]}
+                validate(state["epoch"], row)
+                record(row)
+                if state["epoch"] % options.freq_save == 0:
+                    save("last.pt")
+            save("last.pt")
+        finally:
+            if tb_writer is not None:
+                tb_writer.close()
+    if stop.requested:
+        log.info("stopped by %s at epoch %d, step %d; last.pt is saved: continue with  python train.py --resume %s",
+                 signal.Signals(stop.signum).name, state["epoch"], state["step"], run_dir / "last.pt")
+        raise Interrupted(stop.signum)
     best = state["best"]
     log.info("finished at epoch %d, step %d; best validation point distance %s (epoch %s); checkpoints in %s",
              state["epoch"], state["step"], f"{best['val_dist']:.3f} mm" if math.isfinite(best["val_dist"]) else "n/a",
@@ -769,10 +844,8 @@ def prepare_data(options: TrainOptions, checkpoint, distributed: Distributed) ->
     val_sources = scans_of_folds(source_scans, folds, options.val_folds)
     if not train_sources:
         raise InputError(f"training folds {options.train_folds} hold no scans under {data_root}")
-    frame_sizes = set()
-    for ref in train_sources + val_sources:
-        with ScanFile(ref) as scan_file:
-            frame_sizes.add(scan_file.frame_size)
+    sizes = check_scans(train_sources + val_sources, min_frames=options.num_samples)
+    frame_sizes = {(height, width) for _, height, width in sizes.values()}
     if len(frame_sizes) != 1:
         raise InputError(f"scans under {data_root} have different frame sizes {sorted(frame_sizes)}; "
                          "one network input size is expected")
@@ -789,10 +862,46 @@ def prepare_data(options: TrainOptions, checkpoint, distributed: Distributed) ->
         read_factor = 1
     else:
         train_scans, val_scans, read_factor = train_sources, val_sources, options.downsample
-    log.info("data: %s, %d training scans, %d validation scans, frames %dx%d%s", data_root, len(train_scans),
-             len(val_scans), height, width, f" down-sampled x{options.downsample}" if options.downsample > 1 else "")
     return RunData(data_root, calibration, source_scans, folds, train_sources, val_sources, train_scans, val_scans,
                    read_factor, height, width)
+
+
+def log_data(options: TrainOptions, data: RunData) -> None:
+    log.info("data: %s, %d training scans, %d validation scans, frames %dx%d%s", data.data_root,
+             len(data.train_scans), len(data.val_scans), data.height, data.width,
+             f" down-sampled x{options.downsample}" if options.downsample > 1 else "")
+
+
+@contextlib.contextmanager
+def removed_if_unused(run_dir: Path, enabled: bool):
+    """Remove a new run folder when the run fails before writing anything of value (a metrics row or
+    a checkpoint), so failed starts leave no numbered folders holding only a log."""
+    try:
+        yield
+    except BaseException:
+        if enabled and not any((run_dir / name).exists() for name in ("metrics.csv", "last.pt", "best.pt")):
+            remove_logging()  # log.txt is open in the folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def keep_metrics_rows_until(path: Path, last_epoch: int) -> None:
+    """Drop the rows of ``metrics.csv`` after epoch ``last_epoch`` (rewritten atomically), so a resumed
+    run appends each epoch once even when the run before it died between a row and its checkpoint."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = [row for row in rows if int(row["epoch"]) <= last_epoch]
+    if len(kept) == len(rows):
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    log.info("metrics.csv: dropped %d row(s) after epoch %d, written by the run that stopped", len(rows) - len(kept),
+             last_epoch)
 
 
 def write_run_description(run_dir: Path, options: TrainOptions, data: RunData) -> None:
@@ -819,9 +928,11 @@ def make_loaders(options: TrainOptions, data: RunData, device: torch.device, dis
                                  rank=distributed.rank, world_size=distributed.world_size)
     # A private generator: DataLoader draws its workers' base seed from it, not from the global RNG,
     # so the dropout RNG sequence does not depend on where an epoch's iterator was created (resume).
+    # Workers ignore Ctrl-C / SIGTERM (sent to the whole process group): the main process decides
+    # when to stop, after a whole step, and shuts them down.
     loader_args = dict(batch_size=options.minibatch_size, num_workers=options.num_workers,
                        pin_memory=device.type == "cuda", persistent_workers=options.num_workers > 0,
-                       generator=torch.Generator())
+                       generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(train_set, sampler=train_sampler, **loader_args)
     val_loader = None
     if data.val_scans:
@@ -910,7 +1021,7 @@ def restore_state(checkpoint, model, optimizer, scheduler, scaler, distributed: 
              "last_losses": []}
     if checkpoint is None:
         return state
-    model.load_state_dict(checkpoint["model"])
+    load_model_state(model, checkpoint["model"], str(resume_path))
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint.get("scaler"):

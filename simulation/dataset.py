@@ -40,6 +40,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ from utils.challenge_data import (
     write_landmarks,
     write_scan,
 )
+from utils.hdf5_writing import writing_hdf5
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +188,12 @@ _WORKER_RENDERER_SHAPE = (0, 0)  # (H, W) of its frames
 
 
 def _limit_threads() -> None:
-    """One thread per worker: parallelism comes from processes (numba threading made a gather 25x slower)."""
+    """One thread per worker: parallelism comes from processes (numba threading made a gather 25x slower).
+
+    Also gives SIGTERM back its default action: the pool stops its workers with it, and a forked
+    worker would otherwise inherit the script's handler (``utils.cli.run_cli``) and print a traceback.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # For libraries a worker loads after the fork. Not NUMBA_NUM_THREADS: numba re-reads its
     # environment when it compiles and refuses a change once its pool exists; set_num_threads below.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -346,7 +353,7 @@ def write_side_file(path, datasets: dict, texts: dict) -> Path:
     """Write the side-data HDF5 (module docstring): arrays as datasets, dicts as JSON bytes."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
+        with writing_hdf5(tmp) as handle:
             for key, value in datasets.items():
                 handle.create_dataset(key, data=value)
             for key, value in texts.items():

@@ -7,6 +7,7 @@ module cannot cancel out in the test.
 
 import csv
 import math
+import sys
 
 import h5py
 import numpy as np
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from utils import reconstruction as rec
+from utils.errors import InputError
 
 SX, SY = 0.25, 0.25  # mm per pixel of the synthetic scans
 SCALE = np.diag([SX, SY, 1.0, 1.0])
@@ -178,6 +180,23 @@ def test_fitted_grid_holds_every_sector_pixel(fit):
     assert abs(np.linalg.det(grid.direction) - 1) < 1e-9
     with pytest.raises(ValueError, match="voxels"):
         rec.fit_grid(poses, rec.mask_outline_mm(mask, scale), spacing=0.001)
+
+
+@pytest.mark.parametrize("spacing", [1.0, 1e-9, 1e-300])
+def test_grid_over_the_voxel_limit_is_refused_even_where_int64_wraps_around(spacing):
+    # At 1 mm these extents need 2**22 x 2**21 x 2**21 voxels: an int64 product of exactly 2**64,
+    # which wrapped to 0 and passed the limit (then the compounding loop wrote past its arrays);
+    # 1e-9 wrapped to a negative count, 1e-300 overflows int64 in every axis.
+    extent = np.array([2.0**22 - 1.5, 2.0**21 - 1.5, 2.0**21 - 1.5])
+    outline = np.stack([np.zeros(3), extent], axis=1)  # [3, 2]: the box's opposite corners
+    with pytest.raises(InputError, match=r"voxels at spacing .* \(limit 500,000,000\).*larger --spacing"):
+        rec.fit_grid(np.eye(4)[None], outline, spacing=spacing)
+    assert rec.grid_size([10.0, 5.0, 0.0], [0.5, 0.5, 0.5]) == (21, 11, 1)
+
+
+def test_grid_voxel_count_is_exact_for_any_size():
+    grid = rec.VolumeGrid([0, 0, 0], [1, 1, 1], (2**22, 2**21, 2**21), np.eye(3))  # never allocated
+    assert grid.num_voxels == 2**64
 
 
 def test_global_transforms_without_frame_zero_get_the_identity():
@@ -365,6 +384,69 @@ def test_read_transforms_file(tmp_path):
         rec.read_transforms_file(tmp_path / "missing.npy", 6)
 
 
+def _scaled(tforms):
+    tforms[3, :3, :3] *= 1.1  # R^T R = 1.21 I
+
+
+def _bad_last_row(tforms):
+    tforms[3, 3, 1] = 0.5
+
+
+def _reflected(tforms):
+    tforms[3, :3, 2] *= -1
+
+
+def _not_finite(tforms):
+    tforms[3, 0, 0] = np.nan
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_scaled, r"frame 3 \(row 2 of the file.* max \|R\^T R - I\| = 0.21 > 0.001"),
+    (_bad_last_row, r"frame 3 \(row 2 of the file.* last row \[0.0, 0.5, 0.0, 1.0\] \(off by 0.5"),
+    (_reflected, r"frame 3 \(row 2 of the file.* det = -1, expected \+1"),
+    (_not_finite, r"frame 3 has non-finite values"),
+])
+def test_read_transforms_file_refuses_transforms_that_are_not_rigid(tmp_path, damage, message):
+    poses = sweep_poses(6)
+    relative = np.linalg.inv(poses[0]) @ poses  # T_{0<-i}
+    damage(relative)
+    np.save(tmp_path / "pred.npy", relative[1:])  # row 2 of the file is frame 3
+    with pytest.raises(InputError, match="pred.npy: .*" + message):
+        rec.read_transforms_file(tmp_path / "pred.npy", 6)
+    with h5py.File(tmp_path / "pred.h5", "w") as handle:
+        handle["global_transforms"] = relative
+    with pytest.raises(InputError, match=message.replace("row 2", "row 3")):
+        rec.read_transforms_file(tmp_path / "pred.h5", 6)
+
+
+def test_read_transforms_file_refuses_tracker_poses_that_are_not_rigid(tmp_path):
+    poses = sweep_poses(6)
+    poses[4, :3, :3] *= 2
+    with h5py.File(tmp_path / "t.h5", "w") as handle:
+        handle["tforms"] = poses
+    with pytest.raises(InputError, match=r"t.h5: 'tforms' frame 4 is not a rigid pose: max \|R\^T R - I\| = 3"):
+        rec.read_transforms_file(tmp_path / "t.h5", 6, np.eye(4))
+
+
+def _write_h5_string(path):
+    with h5py.File(path, "w") as handle:
+        handle["global_transforms"] = "T_0<-i"
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("text.npy", lambda path: path.write_text("1 0 0 0\n0 1 0 0\n"), "not a .npy file"),
+    ("archive.npy", lambda path: np.savez(open(path, "wb"), a=np.eye(4)), "not a .npy file"),
+    ("objects.npy", lambda path: np.save(path, np.array([{}]), allow_pickle=True), "unreadable .npy file"),
+    ("words.npy", lambda path: np.save(path, np.array(["a", "b"])), "holds <U1 values"),
+    ("text.h5", lambda path: path.write_text("not hdf5\n"), "not a readable HDF5 file"),
+    ("strings.h5", _write_h5_string, r"holds \|S6 values of shape \(\)"),
+])
+def test_read_transforms_file_names_a_file_of_the_wrong_kind(tmp_path, name, write, message):
+    write(tmp_path / name)
+    with pytest.raises(InputError, match=f"{name}: {message}.*expected .*4, 4\\]"):
+        rec.read_transforms_file(tmp_path / name, 6)
+
+
 # --------------------------------------------------------------------------------------------
 # The command line, on a simulated scan and on the real PLUS scans
 # --------------------------------------------------------------------------------------------
@@ -432,6 +514,102 @@ def test_cli_rejects_bad_arguments(tmp_path, tiny_dataset):
         np.save(tmp_path / "one.npy", np.tile(np.eye(4), (22, 1, 1)))
         reconstruct.main(["--data", str(tiny_dataset), "--scan", "LH_rotation", "--transforms",
                           str(tmp_path / "one.npy"), "--formats", "--out", str(tmp_path)])
+
+
+def _cli_error(argv, capsys) -> str:
+    """Run reconstruct.py's command line in-process as a shell would (``run_cli``); its one-line stderr."""
+    import reconstruct
+    from utils.cli import run_cli
+
+    status = run_cli(reconstruct.main, argv)
+    err = capsys.readouterr().err
+    assert status != 0 and err.count("\n") == 1 and err.startswith(f"{sys.argv[0].split('/')[-1]}: error: "), err
+    return err
+
+
+def _write_bad_input(tmp_path, kind) -> list:
+    """Files for a CLI case of ``kind``; returns the arguments that use them."""
+    if kind == "scaled":  # LH_rotation of the tiny preset has 24 frames: 23 T_{0<-i}
+        tforms = np.tile(np.eye(4), (23, 1, 1))
+        tforms[4, :3, :3] *= 1.05
+        np.save(tmp_path / "scaled.npy", tforms)
+        return ["--transforms", str(tmp_path / "scaled.npy")]
+    if kind == "text.npy":
+        (tmp_path / "text.npy").write_text("1 0 0 0\n")
+        return ["--transforms", str(tmp_path / "text.npy")]
+    if kind == "text.h5":
+        (tmp_path / "text.h5").write_text("not hdf5\n")
+        return ["--transforms", str(tmp_path / "text.h5")]
+    if kind == "mask":
+        np.save(tmp_path / "mask.npy", np.ones((5, 5), bool))
+        return ["--mask", str(tmp_path / "mask.npy")]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--spacing", "1e-9"], r"voxels at spacing \[1e-09, 1e-09, 1e-09\] mm \(limit 500,000,000\).*larger --spacing"),
+    (["--spacing", "1e-6"], r"= \d\.\d+e\+2\d voxels at spacing \[1e-06"),
+    (["--spacing", "3e-5"], r"voxels at spacing \[3e-05"),
+    (["--spacing", "nan"], r"--spacing nan: expected 1 or 3 positive, finite"),
+    (["--spacing", "0"], r"--spacing 0.0: expected"),
+    ("scaled", r"scaled.npy: the transform of frame 5 \(row 4 of the file.* max \|R\^T R - I\| = 0.10"),
+    ("text.npy", r"text.npy: not a .npy file"),
+    ("text.h5", r"text.h5: not a readable HDF5 file"),
+    ("mask", r"mask.npy: shape \(5, 5\)"),
+])
+def test_cli_refuses_bad_input_in_one_line_before_making_a_run_folder(tmp_path, tiny_dataset, capsys, argv,
+                                                                     message):
+    import re
+
+    if isinstance(argv, str):
+        argv = _write_bad_input(tmp_path, argv)
+    runs = tmp_path / "runs"
+    err = _cli_error(["--data", str(tiny_dataset), "--scan", "000/LH_rotation", *argv, "--formats",
+                      "--out", str(runs)], capsys)
+    assert re.search(message, err), err
+    assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_cli_checks_every_scan_before_reconstructing_the_first(tmp_path, tiny_dataset, capsys):
+    import shutil
+
+    from utils.challenge_data import find_scans
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (second,) = [r for r in find_scans(data) if r.name == "RH_rotation"]
+    with h5py.File(second.tforms_path, "r+") as handle:
+        handle["tforms"][3, :3, :3] *= 2
+    runs = tmp_path / "runs"
+    err = _cli_error(["--data", str(data), "--scan", "LH_rotation", "--scan", "RH_rotation", "--formats",
+                      "--out", str(runs)], capsys)
+    assert "RH_rotation.h5: 'tforms' frame 3 is not a rigid pose" in err
+    # a folder of transforms that lacks the second scan's file is refused up front too
+    (tmp_path / "pred").mkdir()
+    np.save(tmp_path / "pred" / "sub000__LH_rotation.npy", np.tile(np.eye(4), (23, 1, 1)))
+    err = _cli_error(["--data", str(tiny_dataset), "--transforms", str(tmp_path / "pred"), "--formats",
+                      "--out", str(runs)], capsys)
+    assert "no sub000__RH_rotation.npy" in err
+    assert not runs.exists() or not list(runs.iterdir())
+
+
+@pytest.mark.parametrize("wrote_result", [False, True])
+def test_cli_removes_a_failed_run_folder_that_holds_only_its_log(tmp_path, tiny_dataset, monkeypatch, wrote_result):
+    import reconstruct
+
+    def failing(plan, root, calibration, args, run_dir):
+        if wrote_result:
+            (run_dir / f"{plan.ref.key}_true.mha").write_bytes(b"volume")
+        raise InputError("no ultrasound field")  # what a mask from the frames may find after the folder exists
+
+    monkeypatch.setattr(reconstruct, "reconstruct_one", failing)
+    with pytest.raises(InputError, match="no ultrasound field"):
+        reconstruct.main(["--data", str(tiny_dataset), "--scan", "LH_rotation", "--out", str(tmp_path)])
+    run = tmp_path / "000-reconstruct"
+    if wrote_result:  # a result is kept, with the log that says how the run ended
+        assert sorted(p.name for p in run.iterdir()) == ["log.txt", "sub000__LH_rotation_true.mha"]
+    else:
+        assert not run.exists()
 
 
 def test_cli_on_the_real_plus_scans(tmp_path, realdata_dir):

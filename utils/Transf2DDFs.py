@@ -189,9 +189,9 @@ def _stream_chunks(evaluator, buffer, num_frames):
 
 
 def _write_h5(tmp, evaluators, landmarks, buffer, num_frames, num_points, compression):
-    import h5py  # only the streaming writer needs it
+    from utils.hdf5_writing import writing_hdf5  # only the streaming writer needs h5py
 
-    with h5py.File(tmp, "w") as file:
+    with writing_hdf5(tmp) as file:
         for prefix, evaluator in evaluators.items():
             # One frame per HDF5 chunk: a reader of one frame touches one chunk, and chunks (3.7 MB
             # at 480x640) exceed the 1 MB chunk cache, so writes go straight to the file.

@@ -26,6 +26,7 @@ downstream sees a half-valid scan. The writers produce the same files with the c
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 
 from utils.atomic import atomic_path
 from utils.errors import InputError
+from utils.hdf5_writing import writing_hdf5
 from utils.landmarks import check_landmarks
 
 LAYOUT_TRAIN = "train"
@@ -74,6 +76,29 @@ def dataset_key(subject_folder_name: str, scan_name: str) -> str:
 def landmark_file_name(subject: int) -> str:
     """``landmark_<NNN>.h5`` (the official code formats the subject id with ``%03d``)."""
     return f"landmark_{int(subject):03d}.h5"
+
+
+def open_hdf5(path, name: str, expected: str) -> h5py.File:
+    """Open ``path`` for reading; a missing, truncated or non-HDF5 file raises with the file's name.
+
+    h5py's own OSError names neither the file nor what was expected of it ("file signature not
+    found"). Raises FileNotFoundError ``"<name> not found: <path>"`` or InputError (unreadable;
+    ``expected`` says what the file should hold, e.g. "'frames' uint8 [N, H, W]").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(f"{path}: not a readable HDF5 file ({_h5_reason(error)}, {os.path.getsize(path)} bytes); "
+                         f"expected a {name}: HDF5 with {expected}") from None
+
+
+def _h5_reason(error: OSError) -> str:
+    # h5py: "Unable to synchronously open file (truncated file: eof = 5000, ...)": keep the parenthesis.
+    text = str(error)
+    return text[text.find("(") + 1 : text.rfind(")")] if "(" in text and text.endswith(")") else text
 
 
 @dataclass(frozen=True)
@@ -194,10 +219,7 @@ def _find_train_scans(root: Path) -> list[ScanRef]:
 
 def read_dataset_keys(path) -> list[str]:
     """The keys of a ``dataset_keys.h5`` (``sub<NNN>__<scan>``), sorted; FileNotFoundError if absent."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset keys file not found: {path}")
-    with h5py.File(path, "r") as handle:
+    with open_hdf5(path, "dataset keys file", "one entry per scan, named sub<NNN>__<scan>") as handle:
         return sorted(handle.keys())
 
 
@@ -233,10 +255,42 @@ def find_scans(root) -> list[ScanRef]:
     root = Path(root)
     layout = detect_layout(root)
     refs = _find_train_scans(root) if layout == LAYOUT_TRAIN else _find_test_scans(root)
+    where = root / TRAIN_FOLDER if layout == LAYOUT_TRAIN else root / DATASET_KEYS_FILE
     if not refs:
-        where = root / TRAIN_FOLDER if layout == LAYOUT_TRAIN else root / DATASET_KEYS_FILE
         raise InputError(f"{where}: no scans found ({layout} layout)")
+    folders = {}
+    for ref in refs:
+        folders.setdefault(ref.subject, set()).add(ref.subject_folder)
+    for subject, names in sorted(folders.items()):
+        if len(names) > 1:
+            # Both would be subject 7 for the folds, the landmark file and the scores: scanned twice.
+            raise InputError(f"{where}: subject {subject} appears as folders {sorted(names)}; expected one folder "
+                             f"per subject ({subject_folder(subject)!r})")
     return sorted(refs, key=lambda ref: (ref.subject, ref.subject_folder, ref.name))
+
+
+def check_scans(refs, min_frames: int = 2) -> dict[str, tuple[int, int, int]]:
+    """Validate every scan before any work: files readable, frames uint8 [N, H, W] with
+    N >= ``min_frames``, poses rigid, landmarks (where the subject has a file) in range.
+
+    Reads the headers, the poses and the landmarks, never the frames, so a damaged or short scan is
+    reported in seconds instead of after the scans before it were processed. Returns ``{key: (N, H,
+    W)}``. Raises as ``ScanFile``, ``read_tforms`` and ``read_landmarks``, and InputError naming the
+    scan that is too short.
+    """
+    sizes = {}
+    for ref in refs:
+        with ScanFile(ref) as scan_file:
+            num_frames = scan_file.num_frames
+            if num_frames < min_frames:
+                raise InputError(f"{ref.frames_path}: scan {ref.key} has {num_frames} frame(s); at least {min_frames} "
+                                 "are needed (the motion of every frame after the first is predicted)")
+            scan_file.read_tforms()
+            height, width = scan_file.frame_size
+        if ref.landmark_path is not None:
+            read_landmarks(ref.landmark_path, ref.name, num_frames, height, width)
+        sizes[ref.key] = (num_frames, height, width)
+    return sizes
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,9 +382,7 @@ def read_landmarks(path, scan_name: str, num_frames: int, height: int, width: in
         ValueError: the scan's dataset is missing or its values are invalid (``check_landmarks``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"landmark file not found: {path}")
-    with h5py.File(path, "r") as handle:
+    with open_hdf5(path, "landmark file", "one int [K, 3] dataset per scan") as handle:
         if scan_name not in handle or not isinstance(handle[scan_name], h5py.Dataset):
             raise InputError(f"{path}: no landmark dataset {scan_name!r} (found {sorted(handle.keys())})")
         landmarks = handle[scan_name][()]
@@ -353,9 +405,7 @@ class ScanFile:
 
     def __init__(self, ref: ScanRef):
         self.ref = ref
-        if not Path(ref.frames_path).is_file():
-            raise FileNotFoundError(f"scan file not found: {ref.frames_path}")
-        self._frames_file = h5py.File(ref.frames_path, "r")
+        self._frames_file = open_hdf5(ref.frames_path, "scan file", f"'{FRAMES_KEY}' uint8 [N, H, W]")
         self._tforms_file = None
         try:
             self._frames = _dataset(self._frames_file, FRAMES_KEY, ref.frames_path)
@@ -381,9 +431,9 @@ class ScanFile:
         Raises ValueError naming the file for an index outside 0..N-1.
         """
         if indices is None:
-            return self._frames[()]
+            return _read(self._frames, (), self.ref.frames_path)
         if isinstance(indices, slice):
-            return self._frames[indices]
+            return _read(self._frames, indices, self.ref.frames_path)
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         if index.size == 0:
             return np.empty((0, *self.frame_size), np.uint8)
@@ -394,10 +444,10 @@ class ScanFile:
             )
         start = int(index[0])
         if np.array_equal(index, np.arange(start, start + index.size)):
-            return self._frames[start : start + index.size]
+            return _read(self._frames, slice(start, start + index.size), self.ref.frames_path)
         # h5py fancy indexing needs strictly increasing indices: read each frame once, then reorder.
         unique, inverse = np.unique(index, return_inverse=True)
-        return self._frames[unique][inverse]
+        return _read(self._frames, unique, self.ref.frames_path)[inverse]
 
     def read_tforms(self) -> np.ndarray:
         """All poses, numpy [N, 4, 4] as stored (float32/64), tracker tool -> camera (mm), validated."""
@@ -405,13 +455,11 @@ class ScanFile:
         if self._tforms_file is None:
             if Path(path) == Path(self.ref.frames_path):
                 self._tforms_file = self._frames_file
-            elif not Path(path).is_file():
-                raise FileNotFoundError(f"transforms file not found: {path}")
             else:
-                self._tforms_file = h5py.File(path, "r")
+                self._tforms_file = open_hdf5(path, "transforms file", f"'{TFORMS_KEY}' float [N, 4, 4]")
         dataset = _dataset(self._tforms_file, TFORMS_KEY, path)
         check_tforms_shape(dataset.shape, dataset.dtype, path, self.num_frames)
-        tforms = dataset[()]
+        tforms = _read(dataset, (), path)
         validate_tforms(tforms, path)
         return tforms
 
@@ -425,6 +473,15 @@ class ScanFile:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _read(dataset: h5py.Dataset, selection, path) -> np.ndarray:
+    """``dataset[selection]``; a damaged file raises InputError naming it, not h5py's bare OSError."""
+    try:
+        return dataset[selection]
+    except OSError as error:
+        raise InputError(f"{path}: cannot read {dataset.name.lstrip('/')!r} ({_h5_reason(error)}): the file is "
+                         "damaged (copy it again)") from None
 
 
 def read_scan(ref: ScanRef) -> Scan:
@@ -449,7 +506,7 @@ def read_scan(ref: ScanRef) -> Scan:
 
 def _write_h5(path: Path, datasets: dict, compression: str | None) -> None:
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
+        with writing_hdf5(tmp) as handle:
             for key, value in datasets.items():
                 if key == FRAMES_KEY and compression is not None:
                     # One chunk per frame, so a window read decompresses only its own frames.
@@ -541,7 +598,7 @@ def write_dataset_keys(root, keys) -> Path:
     if len(set(keys)) != len(keys):
         raise InputError(f"duplicate dataset keys in {keys}")
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
+        with writing_hdf5(tmp) as handle:
             for key, relative in entries.items():
                 handle.create_dataset(key, data=relative)
     return path

@@ -18,6 +18,10 @@ the file alone (``model_args``, see ``models.registry``)::
         "rng": {"torch": ByteTensor, "cuda": list[ByteTensor] | None},
     }
 
+``train.py`` adds ``folds`` (subject ids per fold), ``label_stats`` and ``frame_size`` ([H, W] of
+the training scans, before down-sampling: prediction warns on frames of another size); readers
+treat them as optional, so older checkpoints still load.
+
 Only tensors, containers and plain Python values go in, so ``torch.load(..., weights_only=True)``
 reads it without running pickled code. ``load_model_weights`` also reads the bare state dicts the
 TUS-REC baseline releases (``--init_weights``).
@@ -25,6 +29,7 @@ TUS-REC baseline releases (``--init_weights``).
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -165,8 +170,17 @@ def save_checkpoint(path, checkpoint: dict) -> Path:
     out["model"] = strip_wrapper_prefix(checkpoint["model"])
     for key in ("best", "options", "model_args"):
         out[key] = _plain(checkpoint[key], key)
+    # Serialised in memory first: torch.save writing to a full disk fails inside its zip writer with
+    # "enforce fail ... unexpected pos", never naming the disk; a plain write raises ENOSPC.
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
     with atomic_path(path) as tmp_path:
-        torch.save(out, tmp_path)
+        try:
+            with open(tmp_path, "wb") as handle:
+                handle.write(buffer.getbuffer())
+        except OSError as error:
+            raise OSError(error.errno, f"{error.strerror} while saving a checkpoint of "
+                          f"{buffer.getbuffer().nbytes / 1e6:.1f} MB (the previous one is intact)", str(path)) from None
     return path
 
 
@@ -226,8 +240,8 @@ def _first(names) -> str:
     return f"{shown}, ... ({len(names)} in all)" if len(names) > _SHOW else shown
 
 
-def _load_state(model: torch.nn.Module, state: dict, source: str) -> None:
-    """``load_state_dict(strict=True)`` with a readable ValueError naming ``source`` on mismatch."""
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` with a readable InputError naming ``source`` on mismatch."""
     state = strip_wrapper_prefix(state)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
@@ -260,7 +274,7 @@ def load_model_weights(model: torch.nn.Module, path, map_location="cpu") -> torc
     """
     path = Path(path)
     state = _state_dict_of(_torch_load(path, map_location), path)
-    _load_state(unwrap_model(model), state, str(path))
+    load_model_state(unwrap_model(model), state, str(path))
     return model
 
 
@@ -269,5 +283,5 @@ def model_from_checkpoint(checkpoint: dict, device="cpu") -> torch.nn.Module:
     from models import build_from_args  # imported here: utils must not need models at import time
 
     model = build_from_args(checkpoint["model_args"])
-    _load_state(model, checkpoint["model"], f"checkpoint of model {checkpoint['model_args'].get('name')!r}")
+    load_model_state(model, checkpoint["model"], f"checkpoint of model {checkpoint['model_args'].get('name')!r}")
     return model.to(device).eval()

@@ -6,7 +6,8 @@ line on stderr and an exit status, instead of a traceback:
 - ``InputError`` (bad files, values, flags): ``<script>: error: <message>``, status 2 (as argparse);
 - the operating system refusing (a missing file, no permission, a full disk, a read-only file
   system): the file and the reason, status 1;
-- Ctrl-C / SIGTERM: ``interrupted``, status 130 / 143 (128 + the signal, as a shell reports it).
+- Ctrl-C / SIGTERM: ``interrupted``, status 130 / 143 (128 + the signal, as a shell reports it);
+  SIGTERM unwinds like Ctrl-C, so a script's ``finally`` blocks remove its temporaries.
 
 Everything else is a bug and keeps its traceback. ``TUSREC_TRACEBACK=1`` shows the traceback of
 every failure (for reporting one of ours).
@@ -49,7 +50,7 @@ def describe_os_error(error: OSError) -> str:
     if error.strerror is None:  # raised with our own message, which names the file
         return str(error)
     reason = error.strerror
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) and reason == os.strerror(error.errno):
         reason += " (free some space or write elsewhere, then run again)"
     return f"{error.filename}: {reason}" if error.filename is not None else reason
 
@@ -62,6 +63,10 @@ def run_cli(main, argv=None) -> int:
     """Run ``main(argv)``; return the process exit status (0, or the status of the failure above)."""
     program = Path(sys.argv[0]).name or "tusrec"
     show_traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so staging folders and temporaries are removed on the way out.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main(argv)
         return 0
@@ -83,6 +88,13 @@ def run_cli(main, argv=None) -> int:
             traceback.print_exc()
         print(f"{program}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + int(signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 class StopSignals:
@@ -119,3 +131,10 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def ignore_stop_signals(*_) -> None:
+    """For worker processes (a DataLoader's ``worker_init_fn``): ignore SIGINT and SIGTERM, which
+    reach the whole process group; their parent stops them when it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

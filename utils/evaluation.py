@@ -37,7 +37,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,12 +46,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils import metrics
+from utils import atomic, metrics
 from utils import transform as tf
 from utils.atomic import atomic_path
 from utils.calibration import Calibration
 from utils.challenge_data import Scan, ScanFile, ScanRef, read_landmarks, read_scan
 from utils.errors import InputError
+from utils.hdf5_writing import writing_hdf5
 from utils.prediction import predict_scan_transforms
 from utils.training_data import downsample_frames
 
@@ -357,6 +357,22 @@ def use_scan_pixel_size(model, scale, downsample: int = 1):
     return restore
 
 
+def frame_size_warning(model, trained_size, height: int, width: int) -> str | None:
+    """A warning for frames of ``height`` x ``width`` when the network was trained on another size;
+    None when the sizes match, when the checkpoint does not record ``trained_size`` (older ones), or
+    for a network that measures motion in pixels of any frame (a ``pixel_mm`` buffer: ``patch_flow``).
+
+    A network that regresses motion from the whole image (``efficientnet_b1``) runs on any size
+    but has learned image content at one scale: its predictions on another size are not to be trusted.
+    """
+    if trained_size is None or (int(trained_size[0]), int(trained_size[1])) == (height, width):
+        return None
+    if isinstance(getattr(model, "pixel_mm", None), torch.Tensor):
+        return None
+    return (f"frames are {height}x{width} but the network was trained on {int(trained_size[0])}x"
+            f"{int(trained_size[1])} frames; its predictions on another size are unreliable")
+
+
 def check_finite_transforms(global_pred, local_pred, source: str = "prediction") -> None:
     """Raise ValueError naming the first frame whose predicted transform holds NaN or inf."""
     for name, value in (("global", global_pred), ("local", local_pred)):
@@ -580,7 +596,7 @@ def write_metrics_h5(path, table: pd.DataFrame, results: Sequence[ScanResult] = 
         root attributes: ``attrs`` (e.g. checkpoint, data path, split, device) and the units.
     """
     string = h5py.string_dtype("utf-8")
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as file:
+    with atomic_path(path) as tmp, writing_hdf5(tmp) as file:
         for name in ("GPE", "GLE", "LPE", "LLE"):
             file.create_dataset(name, data=table[name].to_numpy(np.float64))
         file.create_dataset("time_elapsed", data=table["runtime_s"].to_numpy(np.float64))
@@ -611,15 +627,18 @@ def _cell(value, digits: int = 3) -> str:
 
 
 def format_tables(table: pd.DataFrame, summary: pd.DataFrame) -> str:
-    """The per-scan and summary tables as text (mm, seconds; ``absent`` where there are no landmarks)."""
+    """The per-scan and summary tables as text (mm, seconds; ``absent`` where there are no landmarks,
+    ``undefined`` for the score of a scan without motion)."""
     scan_columns = [("GPE", 3), ("GLE", 3), ("LPE", 3), ("LLE", 3), ("final", 3), ("runtime_s", 2),
                     ("frames_per_s", 1)]
     lines = ["Per scan: errors (mm), final score (1 = perfect, 0 = as good as no motion), runtime (s)"]
     rows = [["subject", "scan", "protocol", "frames"] + [name for name, _ in scan_columns]]
     for record in table.to_dict("records"):
+        still = metrics.without_motion({name: record[name + metrics.IDENTITY_SUFFIX] for name in metrics.ERROR_NAMES})
         rows.append([str(record["subject"]), str(record["scan"]), str(record.get("protocol", "")),
                      str(record.get("num_frames", ""))]
-                    + [_cell(record.get(name, math.nan), digits) for name, digits in scan_columns])
+                    + ["undefined" if name == "final" and still else _cell(record.get(name, math.nan), digits)
+                       for name, digits in scan_columns])
     lines += _align(rows)
     lines.append("")
     lines.append("Summary over scans: mean +- std")
@@ -682,9 +701,11 @@ def replaced_folder(path):
     """Yield an empty staging folder beside ``path``; on success it replaces ``path`` (whose old
     contents are deleted), on any error it is deleted and ``path`` is left as it was.
 
-    Refuses (ValueError) to replace an existing ``path`` that is neither empty nor marked as an
+    Refuses (InputError) to replace an existing ``path`` that is neither empty nor marked as an
     earlier result of this module (``RESULTS_MARKER``), so a mistyped ``--out`` never deletes a
-    folder of other files.
+    folder of other files. The staging folders of killed runs are removed first; a run killed in
+    the instant between moving the old result aside and putting the new one in place has its old
+    result put back.
     """
     path = Path(path).absolute()
     if path.exists():
@@ -694,17 +715,27 @@ def replaced_folder(path):
             raise InputError(f"{path} holds files that are not results of generate_DDF.py (no {RESULTS_MARKER}); "
                              "refusing to replace it: choose another output folder or empty it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        (staging / RESULTS_MARKER).write_text("written by generate_DDF.py; this folder is replaced on re-runs\n")
-        yield staging
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")  # rename, so no half-deleted result is ever at ``path``
-        os.replace(staging, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    for stale in atomic.stale_temporaries(path, marker=_OLD):
+        if not path.exists() and (stale / "previous").is_dir():
+            os.replace(stale / "previous", path)
+            log.warning("put back %s, which a killed run had moved aside", path)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in atomic.remove_stale_temporaries(path):
+        log.info("removed %s, left by a killed run", stale)
+    with atomic.locked_temporary_folder(path) as staging:
+        try:
+            (staging / RESULTS_MARKER).write_text("written by generate_DDF.py; this folder is replaced on re-runs\n")
+            yield staging
+            if path.exists():
+                with atomic.locked_temporary_folder(path, suffix=_OLD) as old:
+                    os.replace(path, old / "previous")  # rename, so no half-deleted result is ever at ``path``
+                    os.replace(staging, path)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+_OLD = ".old"

@@ -47,6 +47,10 @@ from utils.landmarks import check_landmarks
 ERROR_NAMES = ("GPE", "GLE", "LPE", "LLE")
 SCORE_NAMES = ("GPE*", "GLE*", "LPE*", "LLE*", "final", "global", "local", "pixel", "landmark")
 IDENTITY_SUFFIX = "_identity"
+# A scan whose no-motion error is below this (mm) has no motion to normalise by: its score would be
+# float noise divided by float noise (-1e12 for a scan whose poses are all equal). 1 micrometre is far
+# below any tracker's precision (~0.1 mm), so no real scan with motion is affected.
+MIN_MOTION_MM = 1e-3
 
 # Elements per chunk of the transform path: a few 480x640 frames (~4 MB of float32 each temporary)
 # keeps the broadcast temporaries near the CPU caches; a GPU wants far bigger launches.
@@ -435,9 +439,9 @@ def normalised_scores(errors: Mapping[str, float], identity_errors: Mapping[str,
         dict with ``SCORE_NAMES``: ``'GPE*' = 1 - GPE / GPE_identity`` (likewise GLE*, LPE*, LLE*),
         ``final`` (mean of the four), ``global`` (GPE*, GLE*), ``local`` (LPE*, LLE*), ``pixel``
         (GPE*, LPE*), ``landmark`` (GLE*, LLE*), all floats without unit. A term is NaN where its
-        error is NaN (no landmarks) or its identity error is 0 (a scan without motion cannot be
-        normalised); every score built on a NaN term is NaN, so without landmarks only GPE*, LPE*
-        and ``pixel`` are numbers.
+        error is NaN (no landmarks) or its identity error is below ``MIN_MOTION_MM`` (a scan without
+        motion cannot be normalised: undefined, see ``without_motion``); every score built on a NaN
+        term is NaN, so without landmarks only GPE*, LPE* and ``pixel`` are numbers.
     """
     missing = [name for name in ERROR_NAMES if name not in errors or name not in identity_errors]
     if missing:
@@ -445,7 +449,7 @@ def normalised_scores(errors: Mapping[str, float], identity_errors: Mapping[str,
     terms = {}
     for name in ERROR_NAMES:
         error, reference = float(errors[name]), float(identity_errors[name])
-        if math.isnan(error) or math.isnan(reference) or reference == 0.0:
+        if math.isnan(error) or math.isnan(reference) or reference < MIN_MOTION_MM:
             terms[name] = math.nan
         else:
             terms[name] = 1.0 - error / reference
@@ -456,6 +460,13 @@ def normalised_scores(errors: Mapping[str, float], identity_errors: Mapping[str,
     scores["pixel"] = (terms["GPE"] + terms["LPE"]) / 2
     scores["landmark"] = (terms["GLE"] + terms["LLE"]) / 2
     return scores
+
+
+def without_motion(identity_errors: Mapping[str, float]) -> bool:
+    """True for a scan whose probe does not move (no-motion errors below ``MIN_MOTION_MM``), whose
+    normalised scores are therefore undefined. ``identity_errors``: ``{'GPE', ...}`` -> mm."""
+    return any(float(identity_errors[name]) < MIN_MOTION_MM for name in ERROR_NAMES
+               if not math.isnan(float(identity_errors[name])))
 
 
 # --------------------------------------------------------------------------------------------

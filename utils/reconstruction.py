@@ -105,7 +105,8 @@ class VolumeGrid:
 
     @property
     def num_voxels(self) -> int:
-        return int(np.prod(self.size, dtype=np.int64))
+        """n_i * n_j * n_k as a Python int (an int64 product wraps for absurd sizes)."""
+        return math.prod(self.size)
 
     def index_to_mm(self) -> np.ndarray:
         """float64 [4, 4]: homogeneous voxel index ``(i, j, k, 1)`` -> reference mm."""
@@ -139,8 +140,37 @@ class VolumeGrid:
 def _spacing3(spacing) -> np.ndarray:
     spacing = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)).copy()
     if not np.all(spacing > 0) or not np.all(np.isfinite(spacing)):
-        raise InputError(f"spacing {spacing.tolist()} mm must be positive (one value or three)")
+        raise InputError(f"spacing {spacing.tolist()} mm must be positive and finite (one value or three)")
     return spacing
+
+
+def _count_text(count: float) -> str:
+    """A voxel count for a message: exact with separators, or 3 digits once it has more than 15."""
+    if math.isinf(count):
+        return "more than 1e308"
+    return f"{int(count):,}" if count < 1e15 else f"{count:.3g}"
+
+
+def grid_size(extent_mm, spacing, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple:
+    """``(n_i, n_j, n_k)`` voxels whose centres span ``extent_mm`` [3] at ``spacing`` [3] mm, at most ``max_voxels``.
+
+    Counted in float64 and Python ints: with a tiny spacing the int64 product of the sizes wraps
+    around (to a negative count, or to 0), which passed the limit and then failed in numpy
+    ("negative dimensions") or wrote past the accumulators in the compounding loop. Raises InputError
+    naming the spacing, the size and the limit.
+    """
+    extent = np.asarray(extent_mm, dtype=np.float64)
+    spacing = np.asarray(spacing, dtype=np.float64)
+    with np.errstate(over="ignore"):  # a subnormal spacing: inf cells, refused below
+        cells = [float(n) for n in np.ceil(extent / spacing - 1e-9) + 1]  # inf at worst, never wraps
+    count = math.prod(cells)  # exact below 2**53, far above any allowed grid; inf past 1e308
+    if not count <= max_voxels:
+        raise InputError(
+            f"the grid would need {' x '.join(_count_text(n) for n in cells)} = {_count_text(count)} voxels at "
+            f"spacing {spacing.tolist()} mm (limit {max_voxels:,}): the frames span {extent.round(1).tolist()} mm; "
+            "use a larger --spacing or check the transforms"
+        )
+    return tuple(int(n) for n in cells)
 
 
 def _obb_axes(points: np.ndarray) -> np.ndarray:
@@ -174,7 +204,7 @@ def fit_grid(transforms, outline_mm, spacing=0.5, fit: str = "frame0", margin_mm
         fit: ``"frame0"``: axes of the reference frame; ``"obb"``: principal axes of the swept outline
             points (an oriented bounding box, not the minimal one).
         margin_mm: added on every side.
-        max_voxels: refuse larger grids (ValueError naming the size and the spacing to raise).
+        max_voxels: refuse larger grids (``grid_size``: InputError naming the size and the spacing).
     Returns:
         ``VolumeGrid`` whose voxel centres lie within half a voxel of every outline point.
     """
@@ -192,17 +222,10 @@ def fit_grid(transforms, outline_mm, spacing=0.5, fit: str = "frame0", margin_mm
     local = points @ axes  # coordinates along the grid axes
     low = local.min(axis=0) - margin_mm
     high = local.max(axis=0) + margin_mm
-    size = np.ceil((high - low) / spacing - 1e-9).astype(np.int64) + 1
-    count = int(np.prod(size))
-    if count > max_voxels:
-        raise InputError(
-            f"the grid would need {size.tolist()} = {count:,} voxels at spacing {spacing.tolist()} mm "
-            f"(limit {max_voxels:,}): the frames span {(high - low).round(1).tolist()} mm; raise the spacing "
-            "or check the transforms"
-        )
+    size = grid_size(high - low, spacing, max_voxels)
     # Centre the voxel centres on the extent, so the half-voxel slack is even on both sides.
-    low = low - ((size - 1) * spacing - (high - low)) / 2
-    return VolumeGrid(axes @ low, spacing, tuple(size), axes)
+    low = low - ((np.array(size) - 1) * spacing - (high - low)) / 2
+    return VolumeGrid(axes @ low, spacing, size, axes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,10 +918,93 @@ def plot_orthogonal_slices(volumes: dict, path, title: str = "", centre=None, vm
 # --------------------------------------------------------------------------------------------
 
 TRANSFORM_KEYS = ("global_transforms", "global", "transforms")
+_EXPECTED_ARRAY = "expected a .npy array of [N-1, 4, 4] or [N, 4, 4] transforms (numpy.save)"
+_EXPECTED_HDF5 = ("a 'global_transforms' float [N-1, 4, 4] or [N, 4, 4] dataset, or 'tforms' [N, 4, 4] "
+                  "tracker poses")
+
+
+def check_rigid(transforms, source, first_row: int = 0) -> None:
+    """Raise InputError unless every transform [N, 4, 4] (frame i at index i) is rigid.
+
+    Rigid as the tracker poses the dataset readers accept (``utils.challenge_data.validate_tforms``,
+    same tolerances, computed in float64): last row ``[0, 0, 0, 1]`` within
+    ``POSE_LAST_ROW_TOLERANCE``, ``max |R^T R - I| <= POSE_ORTHONORMAL_TOLERANCE`` and ``det R > 0``.
+    A scaled, sheared or mirrored "pose" would reconstruct a distorted volume with no other sign of
+    trouble. ``first_row`` is the frame of the file's first row (1 for [N-1, 4, 4] ``T_{0<-i}``),
+    so the message names the frame and the file's row. Values are assumed finite
+    (``frames_to_reference`` refuses the others).
+    """
+    from utils.challenge_data import POSE_LAST_ROW_TOLERANCE, POSE_ORTHONORMAL_TOLERANCE
+
+    tforms = np.asarray(transforms, dtype=np.float64)
+
+    def first_bad(bad: np.ndarray) -> tuple[int, str]:
+        frame = int(bad[0])
+        return frame, (f"{source}: the transform of frame {frame} (row {frame - first_row} of the file; "
+                       f"{bad.size} of {len(tforms)} frames bad)")
+
+    row_error = np.abs(tforms[:, 3] - [0.0, 0.0, 0.0, 1.0]).max(axis=1)
+    bad = np.flatnonzero(row_error > POSE_LAST_ROW_TOLERANCE)
+    if bad.size:
+        frame, where = first_bad(bad)
+        raise InputError(f"{where} has last row {tforms[frame, 3].tolist()} (off by {row_error[frame]:.3g} > "
+                         f"{POSE_LAST_ROW_TOLERANCE:g}), expected [0, 0, 0, 1]: not a rigid transform")
+    rotation = tforms[:, :3, :3]
+    deviation = np.abs(np.swapaxes(rotation, 1, 2) @ rotation - np.eye(3)).max(axis=(1, 2))
+    bad = np.flatnonzero(deviation > POSE_ORTHONORMAL_TOLERANCE)
+    if bad.size:
+        frame, where = first_bad(bad)
+        # A free 12-value 'transform' prediction is not orthonormal: it must be projected first.
+        raise InputError(f"{where} is not rigid: max |R^T R - I| = {deviation[frame]:.3g} > "
+                         f"{POSE_ORTHONORMAL_TOLERANCE:g} (a scaled or sheared rotation)")
+    determinant = np.linalg.det(rotation)
+    bad = np.flatnonzero(determinant <= 0)
+    if bad.size:
+        frame, where = first_bad(bad)
+        raise InputError(f"{where} has a rotation with det = {determinant[frame]:.6g}, expected +1 "
+                         "(a reflection is not a pose)")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """The array of a ``.npy`` file; InputError naming the file when it is not one.
+
+    numpy reads a file without the ``.npy`` header as a pickle and, with pickles refused, says only
+    that (naming no file); a ``.npz`` under a ``.npy`` name would load as an archive, not an array.
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        raise InputError(f"{path}: not a .npy file (no .npy header, {path.stat().st_size} bytes); {_EXPECTED_ARRAY}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as error:  # truncated, or an object array
+        raise InputError(f"{path}: unreadable .npy file ({error}); {_EXPECTED_ARRAY}") from None
+
+
+def _read_hdf5_transforms(path: Path) -> tuple[np.ndarray, bool]:
+    """``(array, is_tracker)`` from a ``.h5`` transforms file (``read_transforms_file`` says which dataset)."""
+    import h5py
+
+    from utils.challenge_data import open_hdf5
+
+    with open_hdf5(path, "transforms file", _EXPECTED_HDF5) as handle:
+        names = [k for k in handle.keys() if isinstance(handle[k], h5py.Dataset)]
+        key = next((k for k in TRANSFORM_KEYS if k in names), None)
+        if key is None and "tforms" in names:
+            key = "tforms"
+        if key is None and len(names) == 1:
+            key = names[0]
+        if key is None:
+            raise InputError(f"{path}: no dataset named one of {list(TRANSFORM_KEYS) + ['tforms']} "
+                             f"(found {sorted(names)})")
+        try:
+            return np.asarray(handle[key][()]), key == "tforms"  # a scalar or string dataset is no array
+        except OSError as error:  # h5py's message names neither the file nor the dataset
+            raise InputError(f"{path}: cannot read dataset {key!r} ({error}): the file is damaged") from None
 
 
 def read_transforms_file(path, num_frames: int, calib_R_T=None) -> np.ndarray:
-    """A scan's global transforms from a file: float64 [N, 4, 4] frame image mm -> reference mm.
+    """A scan's global transforms from a file: float64 [N, 4, 4] frame image mm -> reference mm, rigid.
 
     Accepted files:
 
@@ -908,41 +1014,35 @@ def read_transforms_file(path, num_frames: int, calib_R_T=None) -> np.ndarray:
       ``transforms`` (or the file's only dataset); or a ``tforms`` dataset [N, 4, 4] of tracker poses
       (tool -> camera, as in the challenge files), turned into ``T_{0<-i}`` with ``calib_R_T`` (``C``).
 
-    Raises FileNotFoundError for a missing file and ValueError naming the file for anything else.
+    Every transform must be rigid (``check_rigid``; tracker poses ``validate_tforms``), as the
+    dataset readers require of the tracker's. Raises FileNotFoundError for a missing file and
+    InputError naming the file for anything else.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"transforms file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-        is_tracker = False
+        array, is_tracker = _load_npy(path), False
     elif suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as handle:
-            names = [k for k in handle.keys() if isinstance(handle[k], h5py.Dataset)]
-            key = next((k for k in TRANSFORM_KEYS if k in names), None)
-            if key is None and "tforms" in names:
-                key = "tforms"
-            if key is None and len(names) == 1:
-                key = names[0]
-            if key is None:
-                raise InputError(f"{path}: no dataset named one of {list(TRANSFORM_KEYS) + ['tforms']} "
-                                 f"(found {sorted(names)})")
-            array = handle[key][()]
-            is_tracker = key == "tforms"
+        array, is_tracker = _read_hdf5_transforms(path)
     else:
         raise InputError(f"{path}: transforms must be a .npy or .h5 file")
+    if array.dtype.kind not in "fiu":
+        raise InputError(f"{path}: holds {array.dtype} values of shape {array.shape}; expected float [N-1, 4, 4] "
+                         "or [N, 4, 4] transforms")
     array = np.asarray(array, dtype=np.float64)
     if is_tracker:
+        from utils.challenge_data import validate_tforms
+
         if calib_R_T is None:
             raise InputError(f"{path}: holds tracker poses ('tforms'), which need the calibration to convert")
-        if array.shape != (num_frames, 4, 4):
-            raise InputError(f"{path}: 'tforms' has shape {array.shape}, expected ({num_frames}, 4, 4)")
+        validate_tforms(array, path, num_frames)
         calib = np.asarray(calib_R_T, dtype=np.float64)
         array = np.linalg.inv(calib) @ np.linalg.inv(array[0]) @ array @ calib  # T_{0<-i}, DESIGN.md section 2
     try:
-        return frames_to_reference(array, num_frames)
+        transforms = frames_to_reference(array, num_frames)
     except ValueError as error:
         raise InputError(f"{path}: {error}") from None
+    check_rigid(transforms, path, first_row=len(transforms) - len(array))
+    return transforms

@@ -50,6 +50,7 @@ from utils.challenge_data import (
     detect_layout,
 )
 from utils.errors import InputError
+from utils.hdf5_writing import writing_hdf5
 
 logger = logging.getLogger(__name__)
 
@@ -480,7 +481,7 @@ def cache_downsampled_scans(scans: list[ScanRef], factor: int, cache_dir, progre
                 logger.debug("reusing %s", path)
             else:
                 tforms = source.read_tforms()
-                with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
+                with atomic_path(path) as tmp, writing_hdf5(tmp) as out:
                     frames = out.create_dataset(FRAMES_KEY, shape=(source.num_frames, *shape), dtype=np.uint8)
                     for start in range(0, source.num_frames, CACHE_CHUNK_FRAMES):
                         stop = min(start + CACHE_CHUNK_FRAMES, source.num_frames)
