@@ -67,6 +67,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils import metrics, speckle
+from utils.atomic import atomic_path
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, ScanRef, check_scans, find_scans, read_scan
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -429,7 +430,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
                     "not defined: the rule gives no direction")
         text += (f"\n\nOut-of-plane sign accuracy of the {args.speckle_sign!r} rule: {accuracy}; among the {moving} "
                  f"pairs with more than {SIGN_MIN_RMS_MM} mm RMS true out-of-plane motion over the image")
-        (staging / "tables.txt").write_text(text + "\n", encoding="utf-8")
+        _write_text(staging / "tables.txt", text)
     _print_report(out_dir, table, text, args)
     return out_dir, summary
 
@@ -472,8 +473,13 @@ def _write_tables(staging: Path, results: list, attrs: dict) -> tuple[pd.DataFra
     metrics.write_csv(summary, staging / "summary.csv", index=True)
     write_metrics_h5(staging / "metrics.h5", table, results, attrs=attrs)
     text = format_tables(table, summary)
-    (staging / "tables.txt").write_text(text + "\n", encoding="utf-8")
+    _write_text(staging / "tables.txt", text)
     return table, summary, text
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:  # also names the file if the disk is full
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def _print_report(out_dir: Path, table: pd.DataFrame, text: str, args) -> None:

@@ -87,9 +87,12 @@ class FullDisk(io.FileIO):
 # --------------------------------------------------------------------------------------------
 
 
-def test_hdf5_on_a_full_disk_raises_enospc_naming_the_file_and_exits_cleanly(tmp_path):
-    # HDF5's own driver cannot close a file after a failed write and crashes the interpreter at exit
-    # (exit 139); run in a child so a crash is seen as one.
+@pytest.mark.parametrize("where", ["data", "close"])
+def test_hdf5_on_a_full_disk_raises_enospc_naming_the_file_and_exits_cleanly(tmp_path, where):
+    # HDF5 cannot close a file after a failed write and crashes the interpreter (exit 139), at the
+    # latest at exit: run in a child so a crash is seen as one. The disk fills while the chunks are
+    # written ("data"), or only when the file's structures are flushed at close ("close").
+    room = 100_000 if where == "data" else 50 * 3 * 19200 * 4 + 2000
     code = textwrap.dedent(f"""
         import errno, io, os, sys
         import numpy as np
@@ -97,7 +100,7 @@ def test_hdf5_on_a_full_disk_raises_enospc_naming_the_file_and_exits_cleanly(tmp
         from utils import hdf5_writing
         class FullDisk(io.FileIO):
             def write(self, data):
-                if self.tell() + len(memoryview(data).cast("B")) > 100_000:
+                if self.tell() + memoryview(data).nbytes > {room}:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return super().write(data)
         hdf5_writing.open = lambda path, mode, buffering: FullDisk(path, "w+")
@@ -115,7 +118,31 @@ def test_hdf5_on_a_full_disk_raises_enospc_naming_the_file_and_exits_cleanly(tmp
     """)
     result = run_script("-c", code, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
-    assert result.stdout.startswith("ENOSPC")
+    assert result.stdout.startswith("ENOSPC") and "Traceback" not in result.stderr
+
+
+def test_hdf5_space_is_reserved_before_writing(tmp_path, monkeypatch):
+    from utils import hdf5_writing
+
+    asked = []
+
+    def no_room(handle, size, path):
+        asked.append(size)
+        raise OSError(errno.ENOSPC, "No space left on device: 1.00 GB are needed for this file", str(path))
+
+    monkeypatch.setattr(hdf5_writing, "reserve_space", no_room)
+    path = tmp_path / "fields.h5"
+    with pytest.raises(OSError, match="1.00 GB are needed"), hdf5_writing.writing_hdf5(path, reserve=10**6) as handle:
+        handle.create_dataset("GP", data=np.zeros(10))
+        raise AssertionError("nothing is written when the space is not there")
+    assert asked and asked[0] >= 10**6
+    # And on this machine's real file system the reservation succeeds and the file keeps its size.
+    monkeypatch.undo()
+    with hdf5_writing.writing_hdf5(path, reserve=8 * 10**5) as handle:
+        handle.create_dataset("GP", data=np.arange(10**5, dtype=np.float64))
+    with h5py.File(path, "r") as handle:
+        assert handle["GP"][-1] == 10**5 - 1
+    assert path.stat().st_size < 8 * 10**5 + 50_000
 
 
 def test_generate_refuses_save_ddfs_that_cannot_fit_before_any_output(tiny, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, locked_temporary_folder, remove_stale_temporaries
 from utils.landmarks import check_landmarks
 from utils.transform import reference_image_points
 
@@ -191,7 +191,8 @@ def _stream_chunks(evaluator, buffer, num_frames):
 def _write_h5(tmp, evaluators, landmarks, buffer, num_frames, num_points, compression):
     from utils.hdf5_writing import writing_hdf5  # only the streaming writer needs h5py
 
-    with writing_hdf5(tmp) as file:
+    field_bytes = len(evaluators) * num_frames * 3 * num_points * 4
+    with writing_hdf5(tmp, reserve=field_bytes) as file:
         for prefix, evaluator in evaluators.items():
             # One frame per HDF5 chunk: a reader of one frame touches one chunk, and chunks (3.7 MB
             # at 480x640) exceed the 1 MB chunk cache, so writes go straight to the file.
@@ -221,14 +222,17 @@ def _write_npy(tmp, evaluators, landmarks, buffer, num_frames, num_points):
 
 @contextlib.contextmanager
 def _atomic_directory(path):
-    """Yield a temporary directory beside ``path``; on success it replaces ``path``, else it is removed."""
+    """Yield a temporary directory beside ``path``; on success it replaces ``path``, else it is removed.
+
+    The temporary is locked while written (``utils.atomic``), so a later writer of ``path`` removes it
+    only if this process died.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory; fmt='npy' writes a directory there")
-    old = None
-    with atomic_path(path, suffix="") as tmp:
-        tmp.unlink()  # atomic_path made a file with a unique name; we need a directory of that name
-        tmp.mkdir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    with locked_temporary_folder(path) as tmp:
         try:
             yield tmp
             if path.exists():
@@ -236,11 +240,13 @@ def _atomic_directory(path):
                 # this instant nothing is at ``path``, which is never mistaken for a complete result.
                 old = tmp.with_name(tmp.name + ".old")
                 os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

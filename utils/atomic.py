@@ -48,7 +48,8 @@ def atomic_path(path, suffix: str | None = None):
         os.replace(tmp_path, path)
     except OSError as error:
         tmp_path.unlink(missing_ok=True)
-        if error.filename is None and error.errno is not None:  # e.g. pandas' write on a full disk
+        if error.errno is not None and error.filename in (None, str(tmp_path)):
+            # Name the destination (pandas' write on a full disk names no file; others the temporary).
             raise OSError(error.errno, error.strerror, str(path)) from None
         raise
     except BaseException:

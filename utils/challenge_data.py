@@ -505,8 +505,9 @@ def read_scan(ref: ScanRef) -> Scan:
 
 
 def _write_h5(path: Path, datasets: dict, compression: str | None) -> None:
+    size = None if compression is not None else sum(np.asarray(value).nbytes for value in datasets.values())
     with atomic_path(path) as tmp:
-        with writing_hdf5(tmp) as handle:
+        with writing_hdf5(tmp, reserve=size) as handle:
             for key, value in datasets.items():
                 if key == FRAMES_KEY and compression is not None:
                     # One chunk per frame, so a window read decompresses only its own frames.

@@ -481,7 +481,8 @@ def cache_downsampled_scans(scans: list[ScanRef], factor: int, cache_dir, progre
                 logger.debug("reusing %s", path)
             else:
                 tforms = source.read_tforms()
-                with atomic_path(path) as tmp, writing_hdf5(tmp) as out:
+                size = source.num_frames * shape[0] * shape[1]  # uint8 frames
+                with atomic_path(path) as tmp, writing_hdf5(tmp, reserve=size) as out:
                     frames = out.create_dataset(FRAMES_KEY, shape=(source.num_frames, *shape), dtype=np.uint8)
                     for start in range(0, source.num_frames, CACHE_CHUNK_FRAMES):
                         stop = min(start + CACHE_CHUNK_FRAMES, source.num_frames)
