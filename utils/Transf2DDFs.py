@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.atomic import atomic_path, locked_temporary_folder, remove_stale_temporaries
+from utils.atomic import atomic_folder, atomic_path
 from utils.landmarks import check_landmarks
 from utils.transform import reference_image_points
 
@@ -230,23 +228,8 @@ def _atomic_directory(path):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory; fmt='npy' writes a directory there")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    with locked_temporary_folder(path) as tmp:
-        try:
-            yield tmp
-            if path.exists():
-                # rename() cannot replace a non-empty directory: move the old result aside first. For
-                # this instant nothing is at ``path``, which is never mistaken for a complete result.
-                old = tmp.with_name(tmp.name + ".old")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with atomic_folder(path) as tmp:
+        yield tmp
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 PARTIAL = ".partial"
+OLD = ".old"  # a result moved aside while its replacement is put in place
 
 
 @contextlib.contextmanager
@@ -73,6 +74,38 @@ def locked_temporary_folder(path, suffix: str = PARTIAL):
         yield folder
     finally:
         os.close(handle)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield an empty, locked temporary folder beside ``path``; on success it replaces ``path`` (a
+    folder, whose old contents are deleted), on any error it is deleted and ``path`` stays as it was.
+
+    ``rename`` cannot replace a non-empty folder, so an existing ``path`` is first moved into a
+    locked ``.old`` temporary: for an instant nothing is at ``path``, which is never mistaken for a
+    complete result. A run killed in that instant has its old result put back by the next one, and
+    every temporary of ``path`` left by killed runs is removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(path, marker=OLD):
+        if not path.exists() and (stale / "previous").is_dir():
+            os.replace(stale / "previous", path)
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(path)
+    with locked_temporary_folder(path) as staging:
+        try:
+            yield staging
+            if path.exists():
+                with locked_temporary_folder(path, suffix=OLD) as old:
+                    os.replace(path, old / "previous")
+                    os.replace(staging, path)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def remove_stale_temporaries(path) -> list[Path]:

@@ -34,9 +34,7 @@ import ctypes.util
 import dataclasses
 import logging
 import math
-import os
 import re
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -714,28 +712,6 @@ def replaced_folder(path):
         if any(path.iterdir()) and not (path / RESULTS_MARKER).exists():
             raise InputError(f"{path} holds files that are not results of generate_DDF.py (no {RESULTS_MARKER}); "
                              "refusing to replace it: choose another output folder or empty it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in atomic.stale_temporaries(path, marker=_OLD):
-        if not path.exists() and (stale / "previous").is_dir():
-            os.replace(stale / "previous", path)
-            log.warning("put back %s, which a killed run had moved aside", path)
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in atomic.remove_stale_temporaries(path):
-        log.info("removed %s, left by a killed run", stale)
-    with atomic.locked_temporary_folder(path) as staging:
-        try:
-            (staging / RESULTS_MARKER).write_text("written by generate_DDF.py; this folder is replaced on re-runs\n")
-            yield staging
-            if path.exists():
-                with atomic.locked_temporary_folder(path, suffix=_OLD) as old:
-                    os.replace(path, old / "previous")  # rename, so no half-deleted result is ever at ``path``
-                    os.replace(staging, path)
-                    shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-
-
-_OLD = ".old"
+    with atomic.atomic_folder(path) as staging:
+        (staging / RESULTS_MARKER).write_text("written by generate_DDF.py; this folder is replaced on re-runs\n")
+        yield staging
