@@ -466,14 +466,11 @@ def main(argv=None) -> Path:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        refs = select_scans(find_scans(args.data), args.scan)
-        calibration = load_calibration(args.data / CALIB_FILE)
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+    refs = select_scans(find_scans(args.data), args.scan)  # a bad dataset or --scan: one line (run_cli)
+    calibration = load_calibration(args.data / CALIB_FILE)
     if args.transforms is not None and not args.transforms.is_dir():
         if not args.transforms.is_file():
-            parser.error(f"--transforms {args.transforms}: no such file or folder")
+            raise FileNotFoundError(f"--transforms {args.transforms}: no such file or folder")
         if len(refs) != 1:
             parser.error(f"--transforms {args.transforms} is one file but {len(refs)} scans are selected: "
                          "pass one --scan, or a folder of <key>.npy / <key>.h5")

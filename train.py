@@ -48,6 +48,7 @@ import models
 from options.core import build_parser, load_preset, options_from_dict, options_to_dict, write_options
 from options.train_options import TrainOptions
 from utils import transform as tf
+from utils.atomic import atomic_path
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, check_scans, find_scans
 from utils.checkpoint import (
@@ -59,7 +60,6 @@ from utils.checkpoint import (
     set_rng_state,
     unwrap_model,
 )
-from utils.atomic import atomic_path
 from utils.cli import Interrupted, StopSignals, ignore_stop_signals, run_cli
 from utils.errors import InputError
 from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan, image_points_mm
@@ -775,13 +775,15 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
                 if state["epoch"] % options.freq_save == 0:
                     save("last.pt")
             save("last.pt")
+            stopped = stop_requested(stop, device, distributed)  # under DDP: by a signal to any rank
         finally:
             if tb_writer is not None:
                 tb_writer.close()
-    if stop.requested:
+    if stopped:
+        signum = stop.signum or signal.SIGTERM  # a rank that got none stops as if terminated
         log.info("stopped by %s at epoch %d, step %d; last.pt is saved: continue with  python train.py --resume %s",
-                 signal.Signals(stop.signum).name, state["epoch"], state["step"], run_dir / "last.pt")
-        raise Interrupted(stop.signum)
+                 signal.Signals(signum).name, state["epoch"], state["step"], run_dir / "last.pt")
+        raise Interrupted(signum)
     best = state["best"]
     log.info("finished at epoch %d, step %d; best validation point distance %s (epoch %s); checkpoints in %s",
              state["epoch"], state["step"], f"{best['val_dist']:.3f} mm" if math.isfinite(best["val_dist"]) else "n/a",

@@ -502,7 +502,7 @@ def test_cli_reconstructs_compares_and_scores_a_simulated_scan(tmp_path, tiny_da
 def test_cli_rejects_bad_arguments(tmp_path, tiny_dataset):
     import reconstruct
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--scan 'nope'"):
         reconstruct.main(["--data", str(tiny_dataset), "--scan", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         reconstruct.main(["--data", str(tiny_dataset), "--spacing", "1", "2", "--out", str(tmp_path)])

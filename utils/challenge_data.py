@@ -263,7 +263,8 @@ def find_scans(root) -> list[ScanRef]:
         folders.setdefault(ref.subject, set()).add(ref.subject_folder)
     for subject, names in sorted(folders.items()):
         if len(names) > 1:
-            # Both would be subject 7 for the folds, the landmark file and the scores: scanned twice.
+            # Both folders would be one subject for the folds, its landmark file and the scores: its
+            # scans would be trained on and scored twice.
             raise InputError(f"{where}: subject {subject} appears as folders {sorted(names)}; expected one folder "
                              f"per subject ({subject_folder(subject)!r})")
     return sorted(refs, key=lambda ref: (ref.subject, ref.subject_folder, ref.name))
