@@ -16,7 +16,10 @@ it at a fraction of the cost. So the network:
    peak correlation times a learned factor;
 4. fits the 2-D rigid motion of the image plane (rotation about the image normal, translation)
    that best moves the patch centres onto their displaced positions, weighted by the softmax of the
-   confidences: a closed-form weighted Procrustes fit, differentiable, exact for an in-plane motion.
+   confidences: a closed-form weighted Procrustes fit, differentiable, exact for an in-plane motion;
+   optionally (``robust_iterations``) re-weighted by Tukey's biweight of each patch's residual and
+   refitted, as the classical estimator (``utils.speckle.robust_rigid_2d``) does, so that patches
+   that matched the wrong place (or tissue that moved differently) stop pulling the fit.
 
 With the refinement at zero (``init_at_identity``) the network is plain block matching with
 correlation-weighted fitting; training refines the sub-pixel estimate and the weights.
@@ -48,6 +51,7 @@ from torch import nn
 
 from models.registry import register_model
 from utils.errors import InputError
+from utils.speckle import MIN_RESIDUAL_SCALE_PX, TUKEY_C
 
 
 def weighted_rigid_fit_2d(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
@@ -75,6 +79,62 @@ def weighted_rigid_fit_2d(points: torch.Tensor, targets: torch.Tensor, weights: 
     rotated_y = sin * mean_p[:, 0] + cos * mean_p[:, 1]
     translation = torch.stack([mean_q[:, 0] - rotated_x, mean_q[:, 1] - rotated_y], dim=-1)
     return angle, translation
+
+
+def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted median of each row: the smallest value whose cumulative weight reaches half the row's.
+
+    Args:
+        values: [B, K]; weights: [B, K] non-negative (need not sum to 1).
+    Returns:
+        [B], one of each row's values (differentiable with respect to it; the choice is not).
+    """
+    ordered, order = values.sort(dim=1)
+    cumulative = weights.gather(1, order).cumsum(dim=1)
+    half = 0.5 * cumulative[:, -1:]
+    index = (cumulative < half).sum(dim=1, keepdim=True).clamp_max(values.shape[1] - 1)
+    return ordered.gather(1, index)[:, 0]
+
+
+def robust_rigid_fit_2d(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, iterations: int,
+                        min_scale: float | torch.Tensor):
+    """``weighted_rigid_fit_2d`` re-weighted ``iterations`` times by Tukey's biweight of the residuals.
+
+    Each pass measures every point's residual ``|R p + t - q|`` under the current fit, takes the
+    pair's residual scale as 1.4826 x their weighted median (a robust standard deviation), at least
+    ``min_scale``, multiplies the *given* weights by ``(1 - (r / (TUKEY_C scale))^2)^2`` (0 beyond
+    ``TUKEY_C`` scales) and refits. As ``utils.speckle.robust_rigid_2d``, except that the median is
+    weighted: a network gives every patch a positive weight, so an unweighted median would count
+    the residuals of patches that carry almost none (textureless ones, whose match means nothing).
+    Every step is differentiable (the biweight is smooth and 0 with zero slope at the cut-off);
+    only the choice of the median point is not.
+
+    Args:
+        points, targets: [B, K, 2] positions before and after, (x, y) in mm.
+        weights: [B, K] non-negative, summing to 1 over K.
+        iterations: re-weighting passes after the first fit; 0 = ``weighted_rigid_fit_2d`` exactly.
+        min_scale: floor of the residual scale, mm (a scalar or a 0-d tensor): residuals all far
+            below the measurement's precision are no reason to drop anything.
+    Returns:
+        ``(angle [B], translation [B, 2], weights [B, K])``: the last fit and the normalised weights
+        it used.
+    """
+    angle, translation = weighted_rigid_fit_2d(points, targets, weights)
+    current = weights
+    for _ in range(iterations):
+        cos, sin = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+        moved = torch.stack([cos * points[..., 0] - sin * points[..., 1],
+                             sin * points[..., 0] + cos * points[..., 1]], dim=-1) + translation[:, None]
+        # The floor keeps the gradient finite for an exact match (sqrt's slope at 0 is infinite).
+        residual = (moved - targets).pow(2).sum(dim=-1).clamp_min(1e-20).sqrt()
+        scale = (1.4826 * weighted_median(residual, weights)).clamp_min(min_scale)
+        ratio = residual / (TUKEY_C * scale[:, None])
+        current = weights * (1 - ratio.pow(2)).clamp_min(0).pow(2)
+        # Never 0 / 0: the points at or below the weighted median (half the weight) have ratios of at
+        # most 1 / (1.4826 TUKEY_C) = 0.14, so they keep most of their weight.
+        current = current / current.sum(dim=1, keepdim=True)
+        angle, translation = weighted_rigid_fit_2d(points, targets, current)
+    return angle, translation, current
 
 
 def _box_mean(images: torch.Tensor, side: int) -> torch.Tensor:
@@ -158,12 +218,15 @@ class PatchFlowNet(nn.Module):
         jitter: during training, the candidate grid is shifted at random by less than its stride
             (the same shift for the whole batch): more distinct patches from few scans, and a model
             that does not depend on exact patch places.
+        robust_iterations: Tukey-biweight re-weighting passes of the rigid fit after the first
+            (``robust_rigid_fit_2d``, in training too); 0 = the plain weighted fit, as before the
+            option existed (no parameter depends on it: a checkpoint loads with any value).
     """
 
     PEAK_REACH = 2  # pixels around the integer peak that the sub-pixel estimate averages over
 
     def __init__(self, pixel_mm=(1.0, 1.0), patch_size: int = 64, num_patches: int = 32, radius: int = 8,
-                 width: int = 12, jitter: bool = True):
+                 width: int = 12, jitter: bool = True, robust_iterations: int = 0):
         super().__init__()
         if len(pixel_mm) != 2 or not all(float(v) > 0 for v in pixel_mm):
             raise InputError(f"pixel_mm={pixel_mm!r}: expected two positive pixel sizes (x, y) in mm")
@@ -171,8 +234,12 @@ class PatchFlowNet(nn.Module):
             raise InputError(f"patch_size={patch_size!r}: expected a multiple of 8, at least 16")
         if not 1 <= radius < patch_size // 4:
             raise InputError(f"radius={radius!r}: expected 1 <= radius < patch_size / 4 = {patch_size / 4}")
+        if isinstance(robust_iterations, bool) or not isinstance(robust_iterations, int) or robust_iterations < 0:
+            raise InputError(f"robust_iterations={robust_iterations!r}: expected an integer >= 0 "
+                             f"(0 = no re-weighting)")
         self.patch_size, self.num_patches, self.radius = int(patch_size), int(num_patches), int(radius)
         self.jitter = bool(jitter)
+        self.robust_iterations = robust_iterations
         self.register_buffer("pixel_mm", torch.tensor([float(v) for v in pixel_mm]))
         shifts = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
         grid_y, grid_x = torch.meshgrid(shifts, shifts, indexing="ij")
@@ -277,16 +344,22 @@ class PatchFlowNet(nn.Module):
         displacement = (displacement_px * self.pixel_mm).reshape(batch, num_patches, 2)
         weights = torch.softmax(confidence, dim=1)
         points = centres_mm
-        angle, translation = weighted_rigid_fit_2d(points, points + displacement, weights)
+        # The floor of the residual scale: a tenth of a pixel, as the classical estimator's (sub-pixel
+        # peaks are good to a few hundredths of one). pixel_mm is read here, not at construction,
+        # because whole-scan prediction sets it to the scanned data's pixel size.
+        min_scale = MIN_RESIDUAL_SCALE_PX * self.pixel_mm.max()
+        angle, translation, _ = robust_rigid_fit_2d(points, points + displacement, weights, self.robust_iterations,
+                                                    min_scale)
         zero = torch.zeros_like(angle)
         return torch.stack([angle, zero, zero, translation[:, 0], translation[:, 1], zero], dim=1)
 
 
 @register_model("patch_flow")
 def patch_flow(in_frames: int, pred_dim: int, pixel_mm=(1.0, 1.0), patch_size: int = 64, num_patches: int = 32,
-               radius: int = 8, width: int = 12) -> nn.Module:
+               radius: int = 8, width: int = 12, robust_iterations: int = 0) -> nn.Module:
     """PatchFlowNet: [B, 2, H, W] frames in [0, 1] -> [B, 6] in-plane ``parameter`` prediction."""
     if in_frames != 2 or pred_dim != 6:
         raise InputError(f"patch_flow predicts one pair's 6 parameters from 2 frames (NUM_SAMPLES=2, "
                          f"PRED_TYPE=parameter); got in_frames={in_frames}, pred_dim={pred_dim}")
-    return PatchFlowNet(pixel_mm=pixel_mm, patch_size=patch_size, num_patches=num_patches, radius=radius, width=width)
+    return PatchFlowNet(pixel_mm=pixel_mm, patch_size=patch_size, num_patches=num_patches, radius=radius, width=width,
+                        robust_iterations=robust_iterations)

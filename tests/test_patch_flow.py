@@ -11,7 +11,8 @@ import torch
 from torch.testing import assert_close
 
 import models
-from models.patch_flow import local_soft_argmax, normalised_cross_correlation, weighted_rigid_fit_2d
+from models.patch_flow import (local_soft_argmax, normalised_cross_correlation, robust_rigid_fit_2d,
+                               weighted_median, weighted_rigid_fit_2d)
 from utils import transform as tf
 
 PIXEL_MM = (0.229389190673828, 0.220979690551758)  # the challenge calibration's S
@@ -104,6 +105,75 @@ def test_weighted_rigid_fit_ignores_a_point_of_zero_weight():
     assert_close(translation, torch.tensor([[1.0, 2.0]], dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+def _rigid_points_with_outliers(seed: int, count: int = 40, outliers: int = 10, noise_mm: float = 0.02):
+    """Patch centres (float64 [1, K, 2] mm) and where a known in-plane motion takes them, with small
+    measurement noise and ``outliers`` of them displaced by 1.5 to 4 mm more, in directions within
+    30 degrees of one another (tissue that moved otherwise, or matches fooled by the same structure:
+    errors in random directions would largely cancel in the plain fit). Returns ``(points, targets,
+    angle, translation)``."""
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.rand(1, count, 2, generator=generator, dtype=torch.float64) * 140
+    angle = torch.tensor([0.02], dtype=torch.float64)  # about a degree: a fast frame-to-frame turn
+    translation = torch.tensor([[0.4, -0.7]], dtype=torch.float64)
+    cos, sin = math.cos(0.02), math.sin(0.02)
+    rotation = torch.tensor([[cos, -sin], [sin, cos]], dtype=torch.float64)
+    targets = points @ rotation.T + translation[:, None]
+    targets = targets + noise_mm * torch.randn(1, count, 2, generator=generator, dtype=torch.float64)
+    common = float(torch.rand(1, generator=generator, dtype=torch.float64)) * 2 * math.pi
+    direction = common + (torch.rand(outliers, generator=generator, dtype=torch.float64) - 0.5) * math.radians(60)
+    length = 1.5 + 2.5 * torch.rand(outliers, generator=generator, dtype=torch.float64)
+    targets[0, :outliers] += length[:, None] * torch.stack([direction.cos(), direction.sin()], dim=-1)
+    return points, targets, angle, translation
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_robust_fit_recovers_the_motion_despite_outlier_patches(seed):
+    points, targets, angle, translation = _rigid_points_with_outliers(seed)
+    weights = torch.full((1, points.shape[1]), 1 / points.shape[1], dtype=torch.float64)
+    plain_angle, plain_translation = weighted_rigid_fit_2d(points, targets, weights)
+    # A quarter of the patches off by millimetres pulls the least-squares fit by half a millimetre.
+    assert float((plain_translation - translation).norm()) > 0.4
+    # Five passes: the first fit is off by so much that the inliers' residuals are large too, and the
+    # cut-off closes in over several passes (three leave some seeds a tenth of a millimetre off).
+    found_angle, found_translation, final = robust_rigid_fit_2d(points, targets, weights, 5, min_scale=0.02)
+    # Down to the measurement noise (0.02 mm per point, 30 inliers, angle ~1e-4 rad): the outliers
+    # weigh nothing.
+    assert_close(found_angle, angle, atol=3e-4, rtol=0)
+    assert_close(found_translation, translation, atol=0.02, rtol=0)
+    assert float(final[0, :10].max()) == 0.0
+    assert_close(final.sum(dim=1), torch.ones(1, dtype=torch.float64))
+
+
+def test_robust_fit_with_no_iteration_is_the_plain_fit_bit_for_bit():
+    points, targets, _, _ = _rigid_points_with_outliers(0)
+    weights = torch.softmax(torch.randn(1, points.shape[1], dtype=torch.float64), dim=1)
+    angle, translation, final = robust_rigid_fit_2d(points, targets, weights, 0, min_scale=0.02)
+    plain_angle, plain_translation = weighted_rigid_fit_2d(points, targets, weights)
+    assert torch.equal(angle, plain_angle) and torch.equal(translation, plain_translation)
+    assert final is weights
+
+
+def test_robust_fit_is_differentiable():
+    """It runs in training: gradients reach the displacements and the weights (the confidences)."""
+    points, targets, _, _ = _rigid_points_with_outliers(1, count=12, outliers=3)
+    weights = torch.softmax(torch.randn(1, 12, dtype=torch.float64), dim=1).requires_grad_()
+    targets.requires_grad_()
+
+    def fit(targets, weights):
+        angle, translation, _ = robust_rigid_fit_2d(points, targets, weights, 2, min_scale=0.02)
+        return angle, translation
+
+    assert torch.autograd.gradcheck(fit, (targets, weights))
+
+
+def test_weighted_median_counts_each_value_by_its_weight():
+    values = torch.tensor([[3.0, 1.0, 2.0, 10.0], [5.0, 4.0, 6.0, 7.0]])
+    assert_close(weighted_median(values, torch.full((2, 4), 0.25)), torch.tensor([2.0, 5.0]))
+    # A value of (almost) no weight does not count, however many such values there are.
+    weights = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.7]])
+    assert_close(weighted_median(values, weights), torch.tensor([10.0, 7.0]))
+
+
 def _untrained(**kwargs):
     model = models.build_model("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM), **kwargs)
     model.init_at_identity()
@@ -127,6 +197,39 @@ def test_untrained_network_measures_a_known_translation(shift_x, shift_y):
     assert abs(math.degrees(float(out[0, 0]))) < 0.02
     assert float(out[0, 3]) == pytest.approx(shift_x * PIXEL_MM[0], abs=0.25 * PIXEL_MM[0])
     assert float(out[0, 4]) == pytest.approx(shift_y * PIXEL_MM[1], abs=0.25 * PIXEL_MM[1])
+
+
+def test_robust_network_ignores_a_region_that_moved_otherwise():
+    """Frame B is frame A moved by (2, -1) px, except its left 96 columns (a third of the patches),
+    where the tissue moved by (-4, 3) px. Those patches match well, so the plain correlation-weighted
+    fit lands between the two motions; three biweight passes drop them and find the frame's motion."""
+    image = speckle(240, 320, seed=3)
+    frame_b = fourier_shift(image, -2.0, 1.0)
+    frame_b[:, :96] = fourier_shift(image, 4.0, -3.0)[:, :96]
+    pair = np.stack([image, frame_b])
+    pair = torch.from_numpy((pair - pair.min()) / (pair.max() - pair.min())).float()[None]
+    with torch.no_grad():
+        plain = _untrained(num_patches=32)(pair)[0]
+        robust = _untrained(num_patches=32, robust_iterations=3)(pair)[0]
+    expected_mm = torch.tensor([2.0 * PIXEL_MM[0], -1.0 * PIXEL_MM[1]])
+    assert float((plain[3:5] - expected_mm).norm()) > 0.2  # mm: about a pixel off
+    assert abs(math.degrees(float(robust[0]))) < 1e-3
+    assert_close(robust[3:5], expected_mm, atol=0.02 * PIXEL_MM[0], rtol=0)  # a fiftieth of a pixel
+
+
+def test_robust_iterations_zero_is_the_network_as_before():
+    """Existing checkpoints (no robust_iterations in their model_args) rebuild to the same outputs,
+    and the option adds no weights: one state dict loads into any setting."""
+    torch.manual_seed(0)
+    default = models.build_model("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM)).eval()
+    explicit = models.build_model("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM), robust_iterations=0).eval()
+    robust = models.build_model("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM), robust_iterations=2).eval()
+    explicit.load_state_dict(default.state_dict())
+    robust.load_state_dict(default.state_dict())
+    frames = torch.rand(3, 2, 160, 224)
+    with torch.no_grad():
+        assert torch.equal(explicit(frames), default(frames))
+        assert not torch.equal(robust(frames), default(frames))
 
 
 def test_predicts_no_out_of_plane_motion_at_any_frame_size():
@@ -155,6 +258,14 @@ def test_model_args_carry_the_pixel_size_and_rebuild_it():
     assert models.model_args("resnet18", 2, 6) == {"name": "resnet18", "in_frames": 2, "pred_dim": 6}
 
 
+def test_model_args_carry_robust_iterations_and_rebuild_it():
+    args = models.model_args("patch_flow", 2, 6, pixel_mm=list(PIXEL_MM), num_patches=64, robust_iterations=3)
+    assert args["kwargs"] == {"pixel_mm": list(PIXEL_MM), "num_patches": 64, "robust_iterations": 3}
+    model = models.build_from_args(args)
+    assert model.robust_iterations == 3 and model.num_patches == 64
+    assert models.build_from_args(models.model_args("patch_flow", 2, 6)).robust_iterations == 0
+
+
 def test_bad_patch_flow_arguments_are_refused():
     with pytest.raises(ValueError, match="takes no argument"):
         models.build_model("patch_flow", 2, 6, pixel_size=[0.2, 0.2])
@@ -166,6 +277,9 @@ def test_bad_patch_flow_arguments_are_refused():
         models.build_model("patch_flow", 2, 6, radius=20)
     with pytest.raises(ValueError, match="kwargs"):
         models.build_from_args({"name": "patch_flow", "in_frames": 2, "pred_dim": 6, "kwargs": [1]})
+    for bad in (-1, 1.5, True, "2", None):
+        with pytest.raises(ValueError, match="robust_iterations"):
+            models.build_model("patch_flow", 2, 6, robust_iterations=bad)
 
 
 def test_whole_scan_prediction_batches_patch_flow_by_its_own_size():
