@@ -118,6 +118,9 @@ class PairGeometry:
             frames, so predictions mean the same thing at any input resolution.
         loss_weights: [D] float32 weight of each value of a ``parameter`` label in the MSE
             (``label_loss_weights``), None for the baseline's plain MSE.
+        loss_kind: ``"mse"`` (the baseline's) or ``"l1"``: the mean absolute error, each value's
+            weighted by the square root of its MSE weight (so ``label_norm`` measures both in units
+            of each DOF's spread).
     """
 
     pairs: torch.Tensor
@@ -126,6 +129,7 @@ class PairGeometry:
     calib_R_T: torch.Tensor
     image_points_mm: torch.Tensor
     loss_weights: torch.Tensor | None = None
+    loss_kind: str = "mse"
 
     @property
     def num_pairs(self) -> int:
@@ -155,10 +159,19 @@ class PairGeometry:
         return tf.transform_points(values, points_mm)
 
     def loss(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training loss: the baseline's MSE, or the per-DOF weighted MSE of ``loss_weights``."""
-        if self.loss_weights is None:
-            return torch.nn.functional.mse_loss(predictions, labels)
-        return (((predictions - labels) ** 2) * self.loss_weights).mean()
+        """The training loss: the baseline's MSE, or the per-DOF weighted MSE of ``loss_weights``, or
+        their L1 counterparts (``loss_kind``)."""
+        return self.value_losses(predictions, labels).mean()
+
+    def value_losses(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of every label value, the shape of ``labels``; ``loss`` is their mean."""
+        difference = predictions - labels
+        if self.loss_kind == "l1":
+            weights = None if self.loss_weights is None else self.loss_weights.sqrt()
+            values = difference.abs()
+        else:
+            weights, values = self.loss_weights, difference.pow(2)
+        return values if weights is None else values * weights
 
     def dof_errors(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict:
         """Per-DOF sums over the batch's pairs, for ``evaluate``: absolute errors and absolute true
@@ -460,10 +473,7 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
             outputs = model(frames)
         predictions = geometry.predictions(outputs)
         batch = frames.shape[0]
-        if geometry.loss_weights is None:
-            per_window_loss = ((predictions - labels) ** 2).reshape(batch, -1).mean(dim=1)
-        else:
-            per_window_loss = (((predictions - labels) ** 2) * geometry.loss_weights).reshape(batch, -1).mean(dim=1)
+        per_window_loss = geometry.value_losses(predictions, labels).reshape(batch, -1).mean(dim=1)
         dofs = geometry.dof_errors(predictions, labels)
         dof_sums += torch.cat([dofs["abs_error"].cpu(), dofs["abs_true"].cpu(),
                                torch.tensor([dofs["pairs"], dofs["sign_right"], dofs["sign_scored"]], dtype=torch.float64)])
@@ -955,6 +965,7 @@ def make_geometry(options: TrainOptions, data: RunData, device: torch.device) ->
         pred_type=options.pred_type, label_type=options.label_type,
         calib_R_T=torch.from_numpy(np.array(data.calibration.calib_R_T)).to(device),
         image_points_mm=image_points_mm(data.calibration.scale, data.height, data.width).to(device),
+        loss_kind=options.loss,
     )
 
 
@@ -998,12 +1009,14 @@ def label_loss_weights(label_stats: dict, options: TrainOptions) -> torch.Tensor
 def build_network(options: TrainOptions, geometry: PairGeometry, data: RunData, label_stats: dict, init_weights,
                   checkpoint, device: torch.device):
     """The network and its ``model_args``: extra constructor arguments where the model needs them
-    (``patch_flow``: the pixel size of the frames it sees), its output scale from the training
+    (``patch_flow``: the pixel size of the frames it sees, its patches and fit), its output scale from the training
     labels, then initial weights, the identity start, or (resuming) nothing here."""
     kwargs = {}
     if options.model_name == "patch_flow":
         scale = np.array(data.calibration.scale, dtype=np.float64)
         kwargs["pixel_mm"] = [float(scale[0, 0]) * options.downsample, float(scale[1, 1]) * options.downsample]
+        kwargs.update(patch_size=options.patch_size, num_patches=options.num_patches, radius=options.search_radius,
+                      patch_selection=options.patch_selection, robust_iterations=options.robust_iterations)
     model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim(), **kwargs)
     model = models.build_from_args(model_args).to(device)
     if hasattr(model, "set_label_statistics"):

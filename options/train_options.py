@@ -69,11 +69,42 @@ class TrainOptions:
         "rotation in radians and a translation in mm weigh the same (the statistics are stored in the "
         "checkpoint; networks with an output scale take it from them)",
     )
+    patch_size: int = option(
+        64, "patch_flow only: side of the full-resolution patches it correlates, pixels (a multiple of 8)"
+    )
+    num_patches: int = option(
+        32, "patch_flow only: patches of each pair that it measures and fits (patch_selection picks them)"
+    )
+    search_radius: int = option(
+        8,
+        "patch_flow only: the largest displacement between two frames that it looks for, pixels (each "
+        "axis); the patches must be more than 4 times as large",
+    )
+    patch_selection: str = option(
+        "speckle",
+        "patch_flow only: which squares it measures: speckle (full of signal, of the frame's typical "
+        "contrast: tissue that moves with the probe) or texture (the most varied: bright interfaces, "
+        "whose echo also slides when the probe moves out of plane)",
+        choices=("speckle", "texture"),
+    )
+    robust_iterations: int = option(
+        0,
+        "patch_flow only: Tukey-biweight re-weighting passes of its rigid fit, in training and prediction, "
+        "so patches that matched the wrong place stop pulling the fit; 0 = the plain weighted fit",
+    )
     loss_dofs: str = option(
         "all",
         "DOFs of the parameter label the loss compares: all 6, or in_plane (a_Z, t_x, t_y) for a network "
         "that predicts no out-of-plane motion",
         choices=LOSS_DOFS,
+    )
+
+    loss: str = option(
+        "mse",
+        "mse (the baseline's) or l1 (mean absolute error, weighted per DOF by the square root of the MSE "
+        "weight: what the TUS-REC errors average is a distance, not its square, and a few pairs that "
+        "failed to match do not dominate it)",
+        choices=("mse", "l1"),
     )
 
     # --- optimisation -----------------------------------------------------------------------
@@ -159,6 +190,7 @@ class TrainOptions:
             problems.append(f"model_name='patch_flow' predicts one pair's parameters: it needs num_samples=2, "
                             f"num_pred=1, pred_type='parameter' (got {self.num_samples}, {self.num_pred}, "
                             f"{self.pred_type!r})")
+        problems += self._patch_flow_problems()
         if self.num_samples < 2:
             problems.append(f"num_samples={self.num_samples}: a window needs at least 2 frames")
         if self.sample_range < self.num_samples:
@@ -193,6 +225,25 @@ class TrainOptions:
         problems += self._fold_problems()
         if problems:
             raise InputError("invalid training options:\n  - " + "\n  - ".join(problems))
+
+    def _patch_flow_problems(self) -> list[str]:
+        problems = []
+        if self.patch_size < 16 or self.patch_size % 8:
+            problems.append(f"patch_size={self.patch_size}: expected a multiple of 8, at least 16")
+        if not 1 <= self.search_radius < self.patch_size // 4:
+            problems.append(f"search_radius={self.search_radius}: expected 1..{self.patch_size // 4 - 1} "
+                            f"(less than a quarter of patch_size={self.patch_size})")
+        if self.num_patches < 1:
+            problems.append(f"num_patches={self.num_patches}: must be positive")
+        if self.robust_iterations < 0:
+            problems.append(f"robust_iterations={self.robust_iterations}: must be >= 0 (0 = no re-weighting)")
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        changed = [name for name in ("patch_size", "num_patches", "search_radius", "patch_selection", "robust_iterations")
+                   if getattr(self, name) != defaults[name]]
+        if changed and self.model_name != "patch_flow":
+            problems.append(f"{', '.join(changed)}: options of model_name='patch_flow' only "
+                            f"(got model_name={self.model_name!r})")
+        return problems
 
     def _fold_problems(self) -> list[str]:
         problems = []

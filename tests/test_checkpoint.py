@@ -182,3 +182,28 @@ def test_model_from_checkpoint_and_init_weights_from_our_checkpoint(tmp_path):
     fresh = models.build_model("resnet18", 2, 6)
     ckpt.load_model_weights(fresh, path)
     assert_close(fresh.fc.weight, model.fc.weight, rtol=0, atol=0)
+
+
+def test_patch_flow_checkpoints_from_before_patch_selection_keep_their_texture_patches(tmp_path):
+    """Such checkpoints were trained picking the most textured patches; the default is now the
+    speckle rule, so loading one must say "texture" (for prediction and for --resume), while a
+    checkpoint that names its selection keeps it."""
+    net = models.build_model("patch_flow", 2, 6, pixel_mm=[0.2, 0.2])
+    old_args = {"name": "patch_flow", "in_frames": 2, "pred_dim": 6, "kwargs": {"pixel_mm": [0.2, 0.2]}}
+    # (make_checkpoint's optimiser step runs a tiny net; the checkpoint holds patch_flow's weights.)
+    old = make_checkpoint(tiny_net(), model=net.state_dict(), model_args=old_args,
+                          options={"model_name": "patch_flow", "num_samples": 2})
+    loaded = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "old.pt", old))
+    assert loaded["model_args"]["kwargs"]["patch_selection"] == "texture"
+    assert loaded["options"]["patch_selection"] == "texture"
+    assert ckpt.model_from_checkpoint(loaded).patch_selection == "texture"
+
+    new_args = {**old_args, "kwargs": {"pixel_mm": [0.2, 0.2], "patch_selection": "speckle"}}
+    new = make_checkpoint(tiny_net(), model=net.state_dict(), model_args=new_args,
+                          options={"model_name": "patch_flow", "patch_selection": "speckle"})
+    loaded = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "new.pt", new))
+    assert ckpt.model_from_checkpoint(loaded).patch_selection == "speckle"
+    assert loaded["options"]["patch_selection"] == "speckle"
+    # Other models are left as they are.
+    other = ckpt.load_checkpoint(ckpt.save_checkpoint(tmp_path / "tiny.pt", make_checkpoint(tiny_net())))
+    assert "patch_selection" not in other["options"] and "kwargs" not in other["model_args"]

@@ -511,6 +511,14 @@ def test_cpu_hour_preset():
     ({"loss_dofs": "in_plane", "label_type": "point"}, "per-DOF losses need"),
     ({"model_name": "patch_flow", "label_type": "parameter", "num_samples": 4, "sample_range": 4},
      "patch_flow.*num_samples=2"),
+    ({"model_name": "patch_flow", "label_type": "parameter", "patch_size": 36}, "patch_size=36: expected a multiple of 8"),
+    ({"model_name": "patch_flow", "label_type": "parameter", "patch_size": 32}, "search_radius=8: expected 1..7"),
+    ({"model_name": "patch_flow", "label_type": "parameter", "search_radius": 16}, "less than a quarter of patch_size=64"),
+    ({"model_name": "patch_flow", "label_type": "parameter", "num_patches": 0}, "num_patches=0: must be positive"),
+    ({"model_name": "patch_flow", "label_type": "parameter", "robust_iterations": -1}, "robust_iterations=-1"),
+    # Options of one model given to another would be ignored silently.
+    ({"num_patches": 64}, "num_patches: options of model_name='patch_flow' only"),
+    ({"robust_iterations": 3, "patch_size": 48}, "patch_size, robust_iterations: options of"),
 ])
 def test_per_dof_options_are_checked(values, message):
     with pytest.raises(ValueError, match=message):

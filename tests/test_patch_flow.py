@@ -202,15 +202,17 @@ def test_untrained_network_measures_a_known_translation(shift_x, shift_y):
 def test_robust_network_ignores_a_region_that_moved_otherwise():
     """Frame B is frame A moved by (2, -1) px, except its left 96 columns (a third of the patches),
     where the tissue moved by (-4, 3) px. Those patches match well, so the plain correlation-weighted
-    fit lands between the two motions; three biweight passes drop them and find the frame's motion."""
+    fit lands between the two motions; three biweight passes drop them and find the frame's motion.
+    The squares are ranked by texture, the setting this case was designed with (the speckle rule
+    finds every square of this synthetic speckle alike and may take more of them from the region)."""
     image = speckle(240, 320, seed=3)
     frame_b = fourier_shift(image, -2.0, 1.0)
     frame_b[:, :96] = fourier_shift(image, 4.0, -3.0)[:, :96]
     pair = np.stack([image, frame_b])
     pair = torch.from_numpy((pair - pair.min()) / (pair.max() - pair.min())).float()[None]
     with torch.no_grad():
-        plain = _untrained(num_patches=32)(pair)[0]
-        robust = _untrained(num_patches=32, robust_iterations=3)(pair)[0]
+        plain = _untrained(num_patches=32, patch_selection="texture")(pair)[0]
+        robust = _untrained(num_patches=32, patch_selection="texture", robust_iterations=3)(pair)[0]
     expected_mm = torch.tensor([2.0 * PIXEL_MM[0], -1.0 * PIXEL_MM[1]])
     assert float((plain[3:5] - expected_mm).norm()) > 0.2  # mm: about a pixel off
     assert abs(math.degrees(float(robust[0]))) < 1e-3
@@ -230,6 +232,45 @@ def test_robust_iterations_zero_is_the_network_as_before():
     with torch.no_grad():
         assert torch.equal(explicit(frames), default(frames))
         assert not torch.equal(robust(frames), default(frames))
+
+
+def _frame_with_interfaces() -> torch.Tensor:
+    """A 288 x 320 frame B (and A = B): speckle of mean 0.3, a bright interface (rows 100..105 at
+    1.0) and black from row 224 on (outside the sector). With 64-px squares every 32 px, the
+    candidate rows are 0, 32, ..., 224 (9 squares each): rows 0, 32, 128 and 160 are pure speckle,
+    64 and 96 hold the interface, 192 is half black, 224 all black."""
+    image = speckle(288, 320, seed=5)
+    image = 0.3 * image / image.mean()
+    image[100:106] = 1.0
+    image[224:] = 0.0
+    frame = torch.from_numpy(image.clip(0, 1)).float()
+    return torch.stack([frame, frame])[None]
+
+
+def _chosen_rows(model, frames) -> list[int]:
+    return [int(row) for row in model._origins(frames)[0, :, 0]]
+
+
+def test_speckle_selection_takes_speckle_and_leaves_bright_interfaces_last():
+    """Of the 54 squares holding signal, the 36 of pure speckle come first with the speckle rule;
+    ranking by texture takes the 18 with the interface first, which is what the rule avoids."""
+    frames = _frame_with_interfaces()
+    assert set(_chosen_rows(_untrained(num_patches=36), frames)) == {0, 32, 128, 160}
+    assert set(_chosen_rows(_untrained(num_patches=18, patch_selection="texture"), frames)) == {64, 96}
+
+
+def test_speckle_selection_fills_up_with_the_most_textured_of_the_rest():
+    """Asked for more patches than the 54 squares holding signal, the rule takes all 54, then the
+    others by variance: the half-black squares of row 192 before the black ones of row 224."""
+    rows = _chosen_rows(_untrained(num_patches=63), _frame_with_interfaces())
+    assert sorted(rows[:54]) == sorted([0, 32, 64, 96, 128, 160] * 9)
+    assert rows[54:] == [192] * 9
+
+
+def test_a_frame_without_signal_still_gets_its_patches():
+    with torch.no_grad():
+        origins = _untrained(num_patches=8)._origins(torch.zeros(2, 2, 240, 320))
+    assert origins.shape == (2, 8, 2)
 
 
 def test_predicts_no_out_of_plane_motion_at_any_frame_size():
@@ -280,6 +321,8 @@ def test_bad_patch_flow_arguments_are_refused():
     for bad in (-1, 1.5, True, "2", None):
         with pytest.raises(ValueError, match="robust_iterations"):
             models.build_model("patch_flow", 2, 6, robust_iterations=bad)
+    with pytest.raises(ValueError, match="patch_selection='edges': expected one of"):
+        models.build_model("patch_flow", 2, 6, patch_selection="edges")
 
 
 def test_whole_scan_prediction_batches_patch_flow_by_its_own_size():

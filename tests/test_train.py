@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import train
 from options.core import load_preset
 from options.train_options import TrainOptions
@@ -254,7 +255,8 @@ def _independent_label_statistics(data: Path, subjects: list[int]) -> tuple[np.n
 def test_patch_flow_run_diagnoses_every_dof_and_stores_label_statistics(tiny_data, tmp_path):
     result = train.run(base_args(tiny_data, tmp_path, "--model_name", "patch_flow", "--downsample", "1",
                                  "--LABEL_TYPE", "parameter", "--label_norm", "true", "--loss_dofs", "in_plane",
-                                 "--identity_init", "true"))
+                                 "--identity_init", "true", "--num_patches", "8", "--patch_size", "48",
+                                 "--search_radius", "6", "--robust_iterations", "2", "--loss", "l1"))
     rows = read_metrics(result.run_dir)
     for row in rows:
         for dof in tf.DOF_NAMES:
@@ -264,7 +266,13 @@ def test_patch_flow_run_diagnoses_every_dof_and_stores_label_statistics(tiny_dat
             assert float(row[f"val_{dof}"]) == pytest.approx(float(row[f"val_{dof}_identity"]), rel=1e-9)
         assert row["val_oop_sign_acc"] in ("", "nan")  # nothing predicted, nothing scored
     checkpoint = load_checkpoint(result.run_dir / "last.pt")
-    assert checkpoint["model_args"]["kwargs"]["pixel_mm"] == pytest.approx([0.229389190673828 * 4, 0.220979690551758 * 4])
+    kwargs = checkpoint["model_args"]["kwargs"]
+    assert kwargs["pixel_mm"] == pytest.approx([0.229389190673828 * 4, 0.220979690551758 * 4])
+    # The patch options reach the network, and a checkpoint rebuilds it with them.
+    assert (kwargs["num_patches"], kwargs["patch_size"], kwargs["radius"], kwargs["robust_iterations"],
+            kwargs["patch_selection"]) == (8, 48, 6, 2, "speckle")
+    rebuilt = models.build_from_args(checkpoint["model_args"])
+    assert (rebuilt.num_patches, rebuilt.patch_size, rebuilt.radius, rebuilt.robust_iterations) == (8, 48, 6, 2)
     folds = checkpoint["folds"]
     mean, std = _independent_label_statistics(tiny_data, folds[0] + folds[1])
     np.testing.assert_allclose(checkpoint["label_stats"]["mean"], mean, rtol=1e-6, atol=1e-12)
@@ -281,6 +289,25 @@ def test_label_loss_weights_are_inverse_variances_of_the_compared_dofs():
     torch.testing.assert_close(weights, expected)
     plain_in_plane = train.label_loss_weights(stats, TrainOptions(label_type="parameter", loss_dofs="in_plane"))
     torch.testing.assert_close(plain_in_plane, torch.tensor([1.0, 0, 0, 1, 1, 0]))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_l1_loss_is_the_mean_absolute_error_in_units_of_each_dof_s_spread(weighted):
+    """With per-DOF MSE weights 1/std^2, the L1 loss weighs each absolute error by 1/std."""
+    std = torch.tensor([0.01, 1.0, 1.0, 0.3, 0.6, 1.0])
+    geometry = train.PairGeometry(pairs=torch.tensor([[0, 1]]), pred_type="parameter", label_type="parameter",
+                                  calib_R_T=torch.eye(4, dtype=torch.float64),
+                                  image_points_mm=torch.ones(4, 4, dtype=torch.float64),
+                                  loss_weights=1 / std**2 if weighted else None, loss_kind="l1")
+    torch.manual_seed(0)
+    predictions, labels = torch.randn(5, 1, 6), torch.randn(5, 1, 6)
+    scale = 1 / std if weighted else torch.ones(6)
+    expected = float(sum(abs(float(p - q)) * float(scale[k]) for row_p, row_q in zip(predictions[:, 0], labels[:, 0])
+                         for k, (p, q) in enumerate(zip(row_p, row_q))) / 30)
+    assert float(geometry.loss(predictions, labels)) == pytest.approx(expected, rel=1e-6)
+    mse = train.PairGeometry(**{**geometry.__dict__, "loss_kind": "mse"})
+    assert float(mse.loss(predictions, labels)) == pytest.approx(
+        float((((predictions - labels) * scale) ** 2).mean()), rel=1e-6)
 
 
 def test_dof_errors_are_absolute_errors_in_degrees_and_mm():

@@ -212,6 +212,24 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if checkpoint["format_version"] != FORMAT_VERSION:
         raise InputError(f"{path} has checkpoint format_version={checkpoint['format_version']!r}; "
                          f"this code reads format_version={FORMAT_VERSION}")
+    return _with_settings_of_its_time(checkpoint)
+
+
+def _with_settings_of_its_time(checkpoint: dict) -> dict:
+    """Spell out the settings an older checkpoint was trained with where their defaults changed since.
+
+    ``patch_flow`` checkpoints written before ``patch_selection`` existed picked their patches by
+    texture; the default is now ``"speckle"``, so without this they would predict (and resume
+    training) with patches they never saw.
+    """
+    args = checkpoint.get("model_args")
+    if isinstance(args, dict) and args.get("name") == "patch_flow":
+        kwargs = args.get("kwargs")
+        if isinstance(kwargs, dict) and "patch_selection" not in kwargs:
+            kwargs["patch_selection"] = "texture"
+            options = checkpoint.get("options")
+            if isinstance(options, dict):
+                options.setdefault("patch_selection", "texture")
     return checkpoint
 
 
