@@ -49,6 +49,7 @@ from options.core import build_parser, load_preset, options_from_dict, options_t
 from options.train_options import TrainOptions
 from utils import transform as tf
 from utils.atomic import atomic_path
+from utils.augmentation import Mirror
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, check_scans, find_scans
 from utils.checkpoint import (
@@ -933,9 +934,12 @@ class Loaders:
 
 
 def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed) -> Loaders:
+    # Mirrored in the original pixels' mm: the frames handed out are data.width // downsample wide.
+    mirror = Mirror.for_frames(data.calibration, data.width // options.downsample, options.downsample)
     train_set = FrameWindowDataset(data.train_scans, options.num_samples, options.sample_range,
                                    downsample=data.read_factor, reverse_prob=options.reverse_prob,
-                                   max_stride=options.max_stride)
+                                   max_stride=options.max_stride, flip_prob=options.flip_prob, mirror=mirror,
+                                   gain_jitter=options.gain_jitter)
     train_sampler = EpochSampler(len(train_set), options.samples_per_scan, seed=options.seed, shuffle=True,
                                  rank=distributed.rank, world_size=distributed.world_size)
     # A private generator: DataLoader draws its workers' base seed from it, not from the global RNG,

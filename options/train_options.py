@@ -172,6 +172,10 @@ class TrainOptions:
     cache_dir: str | None = option(None, "folder of an on-disk cache of down-sampled scans; none = no cache")
     reverse_prob: float = option(0.0, "probability of reversed playback augmentation")
     max_stride: int = option(1, "largest random stride between a window's frames (1..max_stride)")
+    flip_prob: float = option(
+        0.0, "probability of mirroring a window left-right, its poses mirrored so the labels stay its true motion"
+    )
+    gain_jitter: float = option(0.0, "a window's frames are multiplied by a gain uniform in 1 +- this (0 = off)")
 
     def validate(self) -> None:
         """Raise ValueError listing every invalid value or combination, with what is allowed."""
@@ -216,8 +220,11 @@ class TrainOptions:
             value = getattr(self, name)
             if not value >= 0:
                 problems.append(f"{name}={value}: must be >= 0")
-        if not 0.0 <= self.reverse_prob <= 1.0:
-            problems.append(f"reverse_prob={self.reverse_prob}: must be in [0, 1]")
+        for name in ("reverse_prob", "flip_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)}: must be in [0, 1]")
+        if not 0.0 <= self.gain_jitter < 1.0:
+            problems.append(f"gain_jitter={self.gain_jitter}: must be in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps={self.max_steps}: must be >= 1 or none")
         if not _DEVICE.fullmatch(self.device):

@@ -516,6 +516,8 @@ def test_cpu_hour_preset():
     ({"model_name": "patch_flow", "label_type": "parameter", "search_radius": 16}, "less than a quarter of patch_size=64"),
     ({"model_name": "patch_flow", "label_type": "parameter", "num_patches": 0}, "num_patches=0: must be positive"),
     ({"model_name": "patch_flow", "label_type": "parameter", "robust_iterations": -1}, "robust_iterations=-1"),
+    ({"flip_prob": 1.5}, "flip_prob=1.5: must be in"),
+    ({"gain_jitter": 1.0}, r"gain_jitter=1.0: must be in \[0, 1\)"),
     # Options of one model given to another would be ignored silently.
     ({"num_patches": 64}, "num_patches: options of model_name='patch_flow' only"),
     ({"robust_iterations": 3, "patch_size": 48}, "patch_size, robust_iterations: options of"),

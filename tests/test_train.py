@@ -281,6 +281,23 @@ def test_patch_flow_run_diagnoses_every_dof_and_stores_label_statistics(tiny_dat
     assert "per DOF, validation error / no motion's: rz" in log_text
 
 
+def test_a_run_with_mirrored_and_gain_jittered_windows_trains(tiny_data, tmp_path, monkeypatch):
+    """The options reach the training set (every window mirrored here) and the run completes."""
+    seen = []
+    original = train.FrameWindowDataset.__getitem__
+
+    def spy(self, key):
+        if self.flip_prob == 1.0:
+            seen.append(self.window_draw(*key)[1:])
+        return original(self, key)
+
+    monkeypatch.setattr(train.FrameWindowDataset, "__getitem__", spy)
+    result = train.run(base_args(tiny_data, tmp_path, "--flip_prob", "1", "--gain_jitter", "0.1"))
+    rows = read_metrics(result.run_dir)
+    assert all(math.isfinite(float(row["val_loss"])) for row in rows)
+    assert seen and all(mirrored and 0.9 <= gain <= 1.1 for mirrored, gain in seen)
+
+
 def test_label_loss_weights_are_inverse_variances_of_the_compared_dofs():
     stats = {"mean": [0.0] * 6, "std": [0.002, 0.01, 0.02, 0.1, 0.2, 0.5]}
     options = TrainOptions(label_type="parameter", label_norm=True, loss_dofs="in_plane")

@@ -40,6 +40,7 @@ import torch
 import torch.utils.data
 
 from utils.atomic import atomic_path
+from utils.augmentation import Mirror, apply_gain
 from utils.calibration import Calibration, make_calibration
 from utils.challenge_data import (
     FRAMES_KEY,
@@ -532,8 +533,12 @@ class FrameWindowDataset(torch.utils.data.Dataset):
 
     and reads frames ``n0 + s * offsets``; with probability ``reverse_prob`` the window is then
     reversed (reversed playback: the labels, computed from the poses in window order, come out as
-    the inverse transforms). With the defaults (``max_stride=1``, ``reverse_prob=0``) this is the
-    baseline's ``frame_sampler``.
+    the inverse transforms); with probability ``flip_prob`` it is mirrored left-right with its
+    poses mirrored to match (``utils.augmentation.Mirror``, which ``mirror`` describes), and its
+    frames are multiplied by a gain uniform in ``1 +- gain_jitter`` (``apply_gain``). With the
+    defaults (``max_stride=1``, ``reverse_prob=0``, ``flip_prob=0``, ``gain_jitter=0``) this is the
+    baseline's ``frame_sampler``; each augmentation's draws come after the others', so a seed's
+    window does not depend on whether a later augmentation is on.
 
     Returns ``(frames, tforms, scan_index)``: frames torch.uint8 ``[num_samples, h, w]``
     (down-sampled by ``downsample``), tforms torch.float64 ``[num_samples, 4, 4]`` (the stored
@@ -550,7 +555,8 @@ class FrameWindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, scans: list[ScanRef], num_samples: int, sample_range: int, downsample: int = 1,
-                 reverse_prob: float = 0.0, max_stride: int = 1):
+                 reverse_prob: float = 0.0, max_stride: int = 1, flip_prob: float = 0.0,
+                 mirror: Mirror | None = None, gain_jitter: float = 0.0):
         scans = list(scans)
         if not scans:
             raise InputError("FrameWindowDataset: no scans given")
@@ -560,8 +566,14 @@ class FrameWindowDataset(torch.utils.data.Dataset):
             raise InputError(f"sample_range={sample_range!r}: expected an integer >= num_samples={num_samples}")
         if not _is_int(max_stride) or max_stride < 1:
             raise InputError(f"max_stride={max_stride!r}: expected an integer >= 1")
-        if not 0.0 <= float(reverse_prob) <= 1.0:
-            raise InputError(f"reverse_prob={reverse_prob!r}: expected a probability in [0, 1]")
+        for name, value in (("reverse_prob", reverse_prob), ("flip_prob", flip_prob)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise InputError(f"{name}={value!r}: expected a probability in [0, 1]")
+        if flip_prob > 0 and mirror is None:
+            raise InputError(f"flip_prob={flip_prob}: mirroring needs the calibration and frame width (mirror=Mirror...)")
+        if not 0.0 <= float(gain_jitter) < 1.0:
+            raise InputError(f"gain_jitter={gain_jitter!r}: expected a fraction in [0, 1)")
+        self.flip_prob, self.mirror, self.gain_jitter = float(flip_prob), mirror, float(gain_jitter)
         self.scans = scans
         self.num_samples = int(num_samples)
         self.sample_range = int(sample_range)
@@ -611,6 +623,10 @@ class FrameWindowDataset(torch.utils.data.Dataset):
 
     def window_indices(self, scan_index: int, draw_seed: int) -> np.ndarray:
         """The frame indices of item ``(scan_index, draw_seed)``: int64 numpy ``[num_samples]``."""
+        return self.window_draw(scan_index, draw_seed)[0]
+
+    def window_draw(self, scan_index: int, draw_seed: int) -> tuple[np.ndarray, bool, float]:
+        """Item ``(scan_index, draw_seed)``'s frame indices, whether it is mirrored, and its gain."""
         if not 0 <= scan_index < len(self.scans):
             raise IndexError(f"scan index {scan_index} out of range for {len(self.scans)} scans")
         num_frames = self._scan_lengths[scan_index]
@@ -623,7 +639,9 @@ class FrameWindowDataset(torch.utils.data.Dataset):
         # Drawn even when reverse_prob is 0, so the other draws of a seed never depend on it.
         if rng.random() < self.reverse_prob:
             indices = indices[::-1].copy()
-        return indices
+        mirrored = bool(rng.random() < self.flip_prob)
+        gain = float(rng.uniform(1.0 - self.gain_jitter, 1.0 + self.gain_jitter))
+        return indices, mirrored, gain
 
     def _scan(self, scan_index: int) -> ScanFile:
         pid = os.getpid()
@@ -660,15 +678,21 @@ class FrameWindowDataset(torch.utils.data.Dataset):
             scan_index, draw_seed = (int(k) for k in key)
         else:
             scan_index = draw_seed = int(key)
-        indices = self.window_indices(scan_index, draw_seed)
+        indices, mirrored, gain = self.window_draw(scan_index, draw_seed)
         scan = self._scan(scan_index)
         # Read ascending (a contiguous window is one slice read), then flip a reversed window.
         reverse = indices.size > 1 and indices[0] > indices[-1]
         frames = scan.read_frames(indices[::-1] if reverse else indices)
         if reverse:
             frames = frames[::-1]
-        frames = np.ascontiguousarray(downsample_frames(frames, self.downsample))
+        frames = downsample_frames(frames, self.downsample)
         tforms = self._poses[scan_index][indices]
+        if mirrored:
+            frames = frames[..., ::-1]
+            tforms = self.mirror.poses(tforms)
+        if gain != 1.0:
+            frames = apply_gain(frames, gain)
+        frames = np.ascontiguousarray(frames)
         return torch.from_numpy(frames), torch.from_numpy(tforms), scan_index
 
     def close(self) -> None:
