@@ -65,10 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def validation_curve(run_dir: Path) -> pd.DataFrame:
-    """Per epoch: the point distance, whole-scan GPE/LPE, and each in-plane DOF's validation error as a
-    fraction of no motion's (1 = not learned; the out-of-plane DOFs stay at 1 by design)."""
+    """Per epoch: the loss, the point distance, whole-scan GPE/LPE, and each in-plane DOF's validation
+    error as a fraction of no motion's (1 = not learned; the out-of-plane DOFs stay at 1 by design)."""
     table = pd.read_csv(run_dir / "metrics.csv")
-    curve = table[["epoch", "step", "train_dist", "val_dist", "val_GPE", "val_LPE"]].copy()
+    curve = table[["epoch", "step", "train_loss", "val_loss", "val_dist", "val_GPE", "val_LPE"]].copy()
     for dof in ("rz", "tx", "ty"):
         if f"val_{dof}" in table:
             curve[f"{dof}/none"] = table[f"val_{dof}"] / table[f"val_{dof}_identity"]
@@ -112,13 +112,12 @@ def main(argv=None) -> Path:
         log.info("4/4 no real data at %s: skipped", args.realdata)
 
     curve = validation_curve(result.run_dir)
-    with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print("\nValidation during training (mm; <dof>/none = error / no motion's; epoch 0 = the untrained network):")
         print(curve.to_string(index=False))
-    first, last = curve["val_dist"].iloc[0], curve["val_dist"].iloc[-1]
-    best = curve["val_dist"].min()
+    first, last = curve["val_loss"].iloc[0], curve["val_loss"].iloc[-1]
     if math.isfinite(first):
-        print(f"validation point distance: first {first:.3f} mm, last {last:.3f} mm, best {best:.3f} mm")
+        print(f"validation loss: untrained {first:.4f}, last {last:.4f} ({last / first:.2f} of the untrained's)")
     print(f"\nTraining run: {result.run_dir} (curves.png, metrics.csv, log.txt, last.pt, best.pt)")
     print(f"Test-fold scores and plots: {test_dir} (scores.csv, summary.csv, metrics.h5, plots/)")
     for real_dir in real_dirs:

@@ -345,7 +345,11 @@ def plot_curves(run_dir: Path) -> None:
     def curves(*names):
         return {name.replace("_", " "): table[name] for name in names if name in table and table[name].notna().any()}
 
-    panels = {"point distance of the reference points": curves("train_dist", "val_dist"),
+    # The loss on a log scale: what the network is trained on, where a refinement of a good start
+    # shows (the 6-DOF point distance hardly moves for a model that predicts in-plane motion only).
+    loss_title = "loss (log scale)"
+    panels = {loss_title: curves("train_loss", "val_loss"),
+              "point distance of the reference points": curves("train_dist", "val_dist"),
               "whole validation scans": curves("val_GPE", "val_GPE_identity", "val_LPE", "val_LPE_identity")}
     # Each DOF's validation error over no motion's: below 1 the model has learned that motion.
     ratio_title = "validation error / no motion's, per DOF"
@@ -353,7 +357,8 @@ def plot_curves(run_dir: Path) -> None:
                            if f"val_{dof}" in table and table[f"val_{dof}"].notna().any()}
     plot_training_curves(table["epoch"], {k: v for k, v in panels.items() if v}, run_dir / "curves.png",
                          title=f"{run_dir.name} (epoch 0: the untrained network)",
-                         ylabels={ratio_title: "ratio (1 = no motion)"}, references={ratio_title: 1.0})
+                         ylabels={ratio_title: "ratio (1 = no motion), log scale", loss_title: "loss"},
+                         references={ratio_title: 1.0}, log_panels={loss_title, ratio_title})
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,14 +55,16 @@ def plot_drift(frame_errors, path, title: str = "", ylabel: str = "mean pixel er
 
 
 def plot_training_curves(epochs, panels: dict, path, title: str = "", ylabels: dict | None = None,
-                         references: dict | None = None) -> None:
+                         references: dict | None = None, log_panels=()) -> None:
     """Curves against epoch, one panel per entry of ``panels``: ``{panel title: {curve name: values}}``.
 
     NaN points are skipped (e.g. whole-scan figures computed every few epochs); a curve whose name
     ends in ``identity`` is drawn dashed, as the reference a method must beat. Used for a run's
     ``curves.png`` (point distances in one panel, whole-scan GPE/LPE in another: their scales differ
     by an order of magnitude). ``ylabels`` gives a panel's y label (default mm), ``references`` a
-    horizontal line to draw in a panel (e.g. 1 for ratios to no motion).
+    horizontal line to draw in a panel (e.g. 1 for ratios to no motion); the panels named in
+    ``log_panels`` get a logarithmic y axis (losses, ratios: a change from 0.06 to 0.03 is as
+    visible as one from 1 to 0.5).
     """
     epochs = np.asarray(epochs, dtype=float)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -75,6 +77,8 @@ def plot_training_curves(epochs, panels: dict, path, title: str = "", ylabels: d
                 ax.plot(epochs[keep], values[keep], label=name, **style)
         if references and panel_title in references:
             ax.axhline(references[panel_title], color="grey", ls=":", lw=1.0)
+        if panel_title in log_panels:
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel((ylabels or {}).get(panel_title, "mm"))
         ax.set_title(panel_title)
