@@ -795,6 +795,7 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
         finally:
             if tb_writer is not None:
                 tb_writer.close()
+            stop_loader_workers(loaders.train, loaders.val)
     if stopped:
         signum = stop.signum or signal.SIGTERM  # a rank that got none stops as if terminated
         log.info("stopped by %s at epoch %d, step %d; last.pt is saved: continue with  python train.py --resume %s",
@@ -966,6 +967,22 @@ def make_loaders(options: TrainOptions, data: RunData, device: torch.device, dis
     else:
         log.warning("no validation scans (folds %s): validation and best.pt are skipped", options.val_folds)
     return Loaders(train_loader, train_sampler, val_loader)
+
+
+def stop_loader_workers(*loaders) -> None:
+    """Stop the worker processes of DataLoaders (persistent workers) now, while their queues work.
+
+    A persistent iterator lives as long as its DataLoader, and the run's closures hold the loaders in
+    reference cycles: they are collected late (at exit, or by the cycle collector), when their queues
+    may be finalised before the iterator, so the stop message never reaches the workers and torch
+    falls back to SIGTERM, which the workers ignore (``ignore_stop_signals``): ``python train.py``
+    then never exited. ``_shutdown_workers`` is what the iterator's own ``__del__`` calls.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def make_geometry(options: TrainOptions, data: RunData, device: torch.device) -> PairGeometry:

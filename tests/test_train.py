@@ -281,6 +281,17 @@ def test_patch_flow_run_diagnoses_every_dof_and_stores_label_statistics(tiny_dat
     assert "per DOF, validation error / no motion's: rz" in log_text
 
 
+def test_the_command_line_exits_when_training_ends_with_loader_workers(tiny_data, tmp_path):
+    """Workers ignore SIGTERM (a group-wide stop is the parent's to handle), so if they are not
+    stopped explicitly, torch's fallback at exit (SIGTERM, then join) waits for ever: this run hung
+    after its last epoch until the loaders were shut down at the end of training."""
+    args = base_args(tiny_data, tmp_path, "--num_workers", "1", "--NUM_EPOCHS", "1")
+    finished = subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=180)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "finished at epoch 1" in finished.stderr + finished.stdout
+
+
 def test_a_run_with_mirrored_and_gain_jittered_windows_trains(tiny_data, tmp_path, monkeypatch):
     """The options reach the training set (every window mirrored here) and the run completes."""
     seen = []
