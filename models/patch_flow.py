@@ -15,7 +15,7 @@ it at a fraction of the cost. So the network:
    moves the line where the plane cuts it, so its echo slides within the image although the probe
    made no in-plane motion. Ranking by variance (``"texture"``, the choice before issue 11's
    validation study) takes exactly those first: untrained, it had a validation LPE 0.716 mm where
-   the speckle rule has 0.626 (4 held-out tusrec2025 scans; 0.615 for the true in-plane motion);
+   the speckle rule has 0.626 (4 tusrec2025 validation scans; 0.615 for the true in-plane motion);
 2. builds a cost volume per patch: the normalised cross-correlation of B's patch centre with A at
    every integer shift within ``radius`` pixels (FFT-based, no learned weights, no gradient);
 3. a small CNN reads each correlation surface (with the patch's place in the image: the speckle size
