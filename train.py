@@ -96,7 +96,8 @@ RESUMABLE_OVERRIDES = frozenset({
 DOF_COLUMNS = tuple(f"val_{dof}" for dof in tf.DOF_NAMES) + tuple(f"val_{dof}_identity" for dof in tf.DOF_NAMES)
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_dist", "val_loss", "val_dist",
                   "val_GPE", "val_LPE", "val_GPE_identity", "val_LPE_identity") + DOF_COLUMNS + (
-                  "val_oop_sign_acc", "epoch_s", "samples_per_s", "data_wait_fraction")
+                  "val_oop_sign_acc", "val_window_drift", "val_window_drift_identity", "epoch_s", "samples_per_s",
+                  "data_wait_fraction")
 # Out-of-plane displacements of the image centre below this (mm) have no direction worth scoring.
 SIGN_MIN_MM = 0.05
 
@@ -122,6 +123,8 @@ class PairGeometry:
         loss_kind: ``"mse"`` (the baseline's) or ``"l1"``: the mean absolute error, each value's
             weighted by the square root of its MSE weight (so ``label_norm`` measures both in units
             of each DOF's spread).
+        accumulated_weight: weight of ``accumulated_error_ratio`` in the loss (consecutive pairs only;
+            0 = off).
     """
 
     pairs: torch.Tensor
@@ -131,10 +134,17 @@ class PairGeometry:
     image_points_mm: torch.Tensor
     loss_weights: torch.Tensor | None = None
     loss_kind: str = "mse"
+    accumulated_weight: float = 0.0
 
     @property
     def num_pairs(self) -> int:
         return int(self.pairs.shape[0])
+
+    @property
+    def consecutive(self) -> bool:
+        """Whether the pairs are a window's consecutive ones, (0, 1), (1, 2), ... (``tf.consecutive_pairs``)."""
+        chain = torch.arange(self.num_pairs, device=self.pairs.device)
+        return bool((self.pairs[:, 0] == chain).all() and (self.pairs[:, 1] == chain + 1).all())
 
     def pred_dim(self) -> int:
         return tf.type_dim(self.pred_type, self.image_points_mm.shape[1], self.num_pairs)
@@ -161,8 +171,37 @@ class PairGeometry:
 
     def loss(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss: the baseline's MSE, or the per-DOF weighted MSE of ``loss_weights``, or
-        their L1 counterparts (``loss_kind``)."""
-        return self.value_losses(predictions, labels).mean()
+        their L1 counterparts (``loss_kind``); plus ``accumulated_weight`` times
+        ``accumulated_error_ratio`` when it is on."""
+        loss = self.value_losses(predictions, labels).mean()
+        if self.accumulated_weight > 0:
+            loss = loss + self.accumulated_weight * self.accumulated_error_ratio(predictions, labels)
+        return loss
+
+    def accumulated_points(self, values: torch.Tensor) -> torch.Tensor:
+        """Consecutive-pair values [B, L-1, ...] -> the reference points placed in the window's first
+        frame by the accumulated transforms ``T_{0<-i} = T_{0<-1} ... T_{i-1<-i}``: [B, L-1, 3, P] mm."""
+        points = self.image_points_mm.to(values.dtype)
+        return tf.transform_points(tf.chain_local_transforms(tf.label_to_matrix(values, self.label_type, points)), points)
+
+    def accumulated_distances(self, predictions: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per window [B]: the mean distance (mm) between the reference points placed by the accumulated
+        predicted and true transforms, and no motion's (the true points from where they start): the
+        drift a window's errors add up to."""
+        true = self.accumulated_points(labels)
+        error = torch.linalg.vector_norm(self.accumulated_points(predictions) - true, dim=-2).flatten(1).mean(dim=1)
+        start = self.image_points_mm.to(true.dtype)[:3]
+        identity = torch.linalg.vector_norm(true - start, dim=-2).flatten(1).mean(dim=1)
+        return error, identity
+
+    def accumulated_error_ratio(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's accumulated point error over no motion's (about 1 for a network that predicts no
+        motion, whatever the scale of the motion): the loss term that penalises drift within a window,
+        not only each pair's error. The denominator carries no gradient."""
+        if not self.consecutive:
+            raise AssertionError("accumulated losses need consecutive pairs (options validation refuses others)")
+        error, identity = self.accumulated_distances(predictions, labels)
+        return error.mean() / identity.mean().detach().clamp_min(1e-6)
 
     def value_losses(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of every label value, the shape of ``labels``; ``loss`` is their mean."""
@@ -326,13 +365,18 @@ def format_seconds(seconds: float) -> str:
 
 
 def append_metrics_row(path: Path, row: dict) -> None:
-    """Append one epoch's row to ``metrics.csv`` (header written with the first row)."""
+    """Append one epoch's row to ``metrics.csv`` (header written with the first row; a run resumed from
+    a version with other columns keeps its file's)."""
     new_file = not path.exists()
+    columns = list(METRIC_COLUMNS)
+    if not new_file:
+        with open(path, newline="") as handle:
+            columns = next(csv.reader(handle), None) or columns
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new_file:
             writer.writeheader()
-        writer.writerow({key: row.get(key, "") for key in METRIC_COLUMNS})
+        writer.writerow({key: row.get(key, "") for key in columns})
 
 
 def plot_curves(run_dir: Path) -> None:
@@ -470,8 +514,9 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
     pair, with the out-of-plane sign accuracy (``val_oop_sign_acc``).
     """
     model.eval()
-    loss_sum = dist_sum = count = 0.0
+    loss_sum = dist_sum = count = drift_sum = drift_identity_sum = 0.0
     dof_sums = torch.zeros(15, dtype=torch.float64)  # abs error [6], abs true [6], pairs, sign right, scored
+    consecutive = geometry.num_pairs > 1 and geometry.consecutive
     for frames, tforms, _ in loader:
         frames = frames.to(device, non_blocking=True).float().div_(255)
         labels = geometry.labels(tforms.to(device))
@@ -488,10 +533,19 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
         loss_sum += float(per_window_loss.sum())
         dist_sum += float(per_window_dist.sum())
         count += batch
-    totals = all_reduce_sums([loss_sum, dist_sum, count] + dof_sums.tolist(), device, distributed)
-    loss_sum, dist_sum, count = totals[:3]
-    abs_error, abs_true, (pairs, sign_right, sign_scored) = totals[3:9], totals[9:15], totals[15:18]
+        if consecutive:
+            drift, drift_identity = geometry.accumulated_distances(predictions.double(), labels.double())
+            drift_sum += float(drift.sum())
+            drift_identity_sum += float(drift_identity.sum())
+    totals = all_reduce_sums([loss_sum, dist_sum, count, drift_sum, drift_identity_sum] + dof_sums.tolist(), device,
+                             distributed)
+    loss_sum, dist_sum, count, drift_sum, drift_identity_sum = totals[:5]
+    abs_error, abs_true, (pairs, sign_right, sign_scored) = totals[5:11], totals[11:17], totals[17:20]
     row = {"val_loss": loss_sum / count if count else math.nan, "val_dist": dist_sum / count if count else math.nan}
+    if consecutive:
+        # The drift a window's errors add up to (corners placed from its first frame), against no motion's.
+        row["val_window_drift"] = drift_sum / count if count else math.nan
+        row["val_window_drift_identity"] = drift_identity_sum / count if count else math.nan
     for k, dof in enumerate(tf.DOF_NAMES):
         row[f"val_{dof}"] = abs_error[k] / pairs if pairs else math.nan
         row[f"val_{dof}_identity"] = abs_true[k] / pairs if pairs else math.nan
@@ -987,11 +1041,11 @@ def stop_loader_workers(*loaders) -> None:
 
 def make_geometry(options: TrainOptions, data: RunData, device: torch.device) -> PairGeometry:
     return PairGeometry(
-        pairs=tf.pair_samples(options.num_samples, options.num_pred).to(device),
+        pairs=tf.window_pairs(options.window_pairs, options.num_samples, options.num_pred).to(device),
         pred_type=options.pred_type, label_type=options.label_type,
         calib_R_T=torch.from_numpy(np.array(data.calibration.calib_R_T)).to(device),
         image_points_mm=image_points_mm(data.calibration.scale, data.height, data.width).to(device),
-        loss_kind=options.loss,
+        loss_kind=options.loss, accumulated_weight=options.accumulated_loss_weight,
     )
 
 
@@ -1038,11 +1092,14 @@ def build_network(options: TrainOptions, geometry: PairGeometry, data: RunData, 
     (``patch_flow``: the pixel size of the frames it sees, its patches and fit), its output scale from the training
     labels, then initial weights, the identity start, or (resuming) nothing here."""
     kwargs = {}
-    if options.model_name == "patch_flow":
+    if options.model_name in ("patch_flow", "seq_flow"):
         scale = np.array(data.calibration.scale, dtype=np.float64)
         kwargs["pixel_mm"] = [float(scale[0, 0]) * options.downsample, float(scale[1, 1]) * options.downsample]
         kwargs.update(patch_size=options.patch_size, num_patches=options.num_patches, radius=options.search_radius,
                       patch_selection=options.patch_selection, robust_iterations=options.robust_iterations)
+    if options.model_name == "seq_flow":
+        kwargs.update(offsets=list(options.seq_offsets), hidden=options.seq_hidden,
+                      freeze_encoder=options.freeze_encoder)
     model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim(), **kwargs)
     model = models.build_from_args(model_args).to(device)
     if hasattr(model, "set_label_statistics"):
@@ -1089,6 +1146,10 @@ def log_epoch(row: dict) -> None:
         sign = row.get("val_oop_sign_acc", math.nan)
         log.info("  per DOF, validation error / no motion's: %s; out-of-plane sign accuracy %s", ", ".join(dofs),
                  f"{sign:.1%}" if math.isfinite(sign) else "n/a (none predicted)")
+    drift = row.get("val_window_drift", math.nan)
+    if isinstance(drift, float) and math.isfinite(drift):
+        log.info("  window drift (corners placed from each window's first frame): %.3f mm / no motion's %.3f mm",
+                 drift, row["val_window_drift_identity"])
 
 
 if __name__ == "__main__":

@@ -348,28 +348,54 @@ class PatchFlowNet(nn.Module):
         return torch.where(signal, speckle_like, others)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.measure(frames)["params"]
+
+    @torch.no_grad()
+    def correlate(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unlearned first half of ``measure``: which patches, and their cost volumes.
+
+        Args:
+            frames: [B, 2, H, W] frame pairs in [0, 1].
+        Returns:
+            ``(correlation [B*K, 2R+1, 2R+1], origins [B, K, 2], position [B, K, 2])``: each patch's
+            normalised cross-correlation at every shift (``normalised_cross_correlation``), its
+            top-left corner (row, column, 0-based) and its centre (x, y) relative to the frame,
+            -0.5..0.5. Nothing here is learned, so no graph is kept (most of a step's memory and a
+            third of its time otherwise).
+        """
         if frames.ndim != 4 or frames.shape[1] != 2:
             raise InputError(f"PatchFlowNet takes [B, 2, H, W] frame pairs; got {tuple(frames.shape)}")
         batch, _, height, width = frames.shape
-        size, radius = self.patch_size, self.radius
-        # Nothing before the cost volume is learned: no graph is kept for it (most of a step's memory
-        # and a third of its time otherwise).
-        with torch.no_grad():
-            origins = self._origins(frames)  # [B, K, 2]
-            num_patches = origins.shape[1]
-            span = torch.arange(size, device=frames.device)
-            rows = (origins[..., 0, None, None] + span[:, None]).expand(-1, -1, size, size)  # [B, K, P, P]
-            cols = (origins[..., 1, None, None] + span[None, :]).expand(-1, -1, size, size)
-            sample = torch.arange(batch, device=frames.device)[:, None, None, None]
-            patches = torch.stack([frames[:, 0][sample, rows, cols], frames[:, 1][sample, rows, cols]], dim=2)
-            patches = patches.reshape(batch * num_patches, 2, size, size).float()
-            correlation = normalised_cross_correlation(patches[:, 1], patches[:, 0], radius)  # [N, 2R+1, 2R+1]
-
+        size = self.patch_size
+        origins = self._origins(frames)  # [B, K, 2]
+        num_patches = origins.shape[1]
+        span = torch.arange(size, device=frames.device)
+        rows = (origins[..., 0, None, None] + span[:, None]).expand(-1, -1, size, size)  # [B, K, P, P]
+        cols = (origins[..., 1, None, None] + span[None, :]).expand(-1, -1, size, size)
+        sample = torch.arange(batch, device=frames.device)[:, None, None, None]
+        patches = torch.stack([frames[:, 0][sample, rows, cols], frames[:, 1][sample, rows, cols]], dim=2)
+        patches = patches.reshape(batch * num_patches, 2, size, size).float()
+        correlation = normalised_cross_correlation(patches[:, 1], patches[:, 0], self.radius)  # [N, 2R+1, 2R+1]
         # Patch centres: pixel coordinates count from 1 (DESIGN.md), so a patch spanning 0-based
         # columns left..left+P-1 is centred on column left + P/2 + 0.5.
         centres_px = origins.flip(-1).to(correlation.dtype) + (size / 2 + 0.5)  # [B, K, 2] (x, y)
-        centres_mm = centres_px * self.pixel_mm
         relative = centres_px / torch.tensor([width, height], dtype=correlation.dtype, device=frames.device) - 0.5
+        return correlation, origins, relative
+
+    def measure(self, frames: torch.Tensor) -> dict:
+        """The prediction and what it was made from, for networks built on this one (``seq_flow``).
+
+        Returns a dict: ``params`` [B, 6] (what ``forward`` returns); ``peak`` [B, K] each patch's
+        best normalised cross-correlation (how much its speckle decorrelated: out-of-plane motion);
+        ``position`` [B, K, 2] its centre (x, y) relative to the frame, -0.5..0.5; ``weight`` [B, K]
+        its weight in the rigid fit (softmax of the confidences, summing to 1).
+        """
+        batch = frames.shape[0]
+        size, radius = self.patch_size, self.radius
+        correlation, origins, relative = self.correlate(frames)
+        num_patches = origins.shape[1]
+        centres_px = origins.flip(-1).to(correlation.dtype) + (size / 2 + 0.5)  # [B, K, 2] (x, y)
+        centres_mm = centres_px * self.pixel_mm
         position = relative.reshape(-1, 2)  # [N, 2]
 
         # The CNN sees the surface and where the patch is (depth changes the speckle size and the
@@ -394,7 +420,9 @@ class PatchFlowNet(nn.Module):
         angle, translation, _ = robust_rigid_fit_2d(points, points + displacement, weights, self.robust_iterations,
                                                     min_scale)
         zero = torch.zeros_like(angle)
-        return torch.stack([angle, zero, zero, translation[:, 0], translation[:, 1], zero], dim=1)
+        params = torch.stack([angle, zero, zero, translation[:, 0], translation[:, 1], zero], dim=1)
+        return {"params": params, "peak": peak.reshape(batch, num_patches), "position": relative,
+                "weight": weights}
 
 
 @register_model("patch_flow")

@@ -25,7 +25,7 @@ from utils.errors import InputError
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
 
 # Modules whose builders register themselves when imported (at the end of this module).
-_BUILTIN_MODULES = ("models.efficientnet", "models.resnet", "models.patch_flow")
+_BUILTIN_MODULES = ("models.efficientnet", "models.resnet", "models.patch_flow", "models.seq_flow")
 
 _ARG_KEYS = ("name", "in_frames", "pred_dim")
 _OPTIONAL_ARG_KEYS = ("kwargs",)

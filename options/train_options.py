@@ -13,7 +13,8 @@ from options.core import option
 from utils.errors import InputError
 
 # Hard-coded rather than read from the models registry: options must not import model code.
-MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18", "patch_flow")
+MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18", "patch_flow", "seq_flow")
+WINDOW_PAIRS = ("baseline", "consecutive")  # utils.transform.WINDOW_PAIRS, without importing torch
 LOSS_DOFS = ("all", "in_plane")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -57,11 +58,36 @@ class TrainOptions:
     num_pred: int = option(
         1, "transforms predicted per window (pairs of its frames)", aliases=("NUM_PRED",)
     )
+    window_pairs: str = option(
+        "baseline",
+        "pairs of a window the network predicts: baseline (each of the last NUM_PRED frames with every "
+        "earlier one) or consecutive (every frame after the first from the one before it, NUM_PRED = "
+        "NUM_SAMPLES - 1: a sequence model's local transforms)",
+        choices=WINDOW_PAIRS,
+    )
     model_name: str = option(
         "efficientnet_b1",
         "network architecture (patch_flow: full-resolution patches and a rigid in-plane fit, 2 frames, "
-        "parameter prediction and label)",
+        "parameter prediction and label; seq_flow: patch_flow's measurements of every pair, frame "
+        "appearance and a bidirectional GRU over a window, consecutive pairs)",
         choices=MODEL_NAMES,
+    )
+    seq_offsets: list[int] = option(
+        [1, 2, 4],
+        "seq_flow only: frame distances k of the pairs (i, i+k) whose speckle decorrelation it measures "
+        "(1 must be among them: it also gives the in-plane motion)",
+    )
+    seq_hidden: int = option(64, "seq_flow only: width of its GRU (per direction)")
+    freeze_encoder: bool = option(
+        True,
+        "seq_flow only: keep its patch_flow encoder fixed (stage 2 of training, after --init_weights of a "
+        "patch_flow checkpoint); false trains it too",
+    )
+    accumulated_loss_weight: float = option(
+        0.0,
+        "window_pairs=consecutive only: weight of a second loss term, the distance between the image "
+        "corners placed by the predicted and the true transforms from the window's first frame (local "
+        "transforms accumulated), over no motion's; 0 = local transforms only",
     )
     label_norm: bool = option(
         False,
@@ -195,6 +221,7 @@ class TrainOptions:
                             f"num_pred=1, pred_type='parameter' (got {self.num_samples}, {self.num_pred}, "
                             f"{self.pred_type!r})")
         problems += self._patch_flow_problems()
+        problems += self._sequence_problems()
         if self.num_samples < 2:
             problems.append(f"num_samples={self.num_samples}: a window needs at least 2 frames")
         if self.sample_range < self.num_samples:
@@ -247,8 +274,40 @@ class TrainOptions:
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
         changed = [name for name in ("patch_size", "num_patches", "search_radius", "patch_selection", "robust_iterations")
                    if getattr(self, name) != defaults[name]]
-        if changed and self.model_name != "patch_flow":
-            problems.append(f"{', '.join(changed)}: options of model_name='patch_flow' only "
+        if changed and self.model_name not in ("patch_flow", "seq_flow"):
+            problems.append(f"{', '.join(changed)}: options of model_name='patch_flow' (and of seq_flow's "
+                            f"patch_flow encoder) only (got model_name={self.model_name!r})")
+        return problems
+
+    def _sequence_problems(self) -> list[str]:
+        problems = []
+        consecutive = self.window_pairs == "consecutive"
+        if consecutive and self.num_pred != self.num_samples - 1:
+            problems.append(f"window_pairs='consecutive' predicts every frame after the first: num_pred must be "
+                            f"num_samples-1 = {self.num_samples - 1} (got {self.num_pred})")
+        if self.model_name == "seq_flow" and (not consecutive or (self.pred_type, self.label_type) !=
+                                              ("parameter", "parameter")):
+            problems.append(f"model_name='seq_flow' predicts the parameters of every consecutive pair: it needs "
+                            f"window_pairs='consecutive', pred_type='parameter', label_type='parameter' (got "
+                            f"{self.window_pairs!r}, {self.pred_type!r}, {self.label_type!r})")
+        if not self.accumulated_loss_weight >= 0 or self.accumulated_loss_weight == float("inf"):
+            problems.append(f"accumulated_loss_weight={self.accumulated_loss_weight}: must be a finite number >= 0")
+        elif self.accumulated_loss_weight > 0 and not consecutive:
+            problems.append(f"accumulated_loss_weight={self.accumulated_loss_weight}: accumulating needs "
+                            f"window_pairs='consecutive' (got {self.window_pairs!r})")
+        offsets = list(self.seq_offsets)
+        bad_offsets = 1 not in offsets or len(set(offsets)) != len(offsets) or \
+            any(not 1 <= k < self.num_samples for k in offsets)
+        if self.model_name == "seq_flow" and bad_offsets:
+            problems.append(f"seq_offsets={offsets}: expected distinct frame distances in 1..num_samples-1 = "
+                            f"1..{self.num_samples - 1}, 1 among them")
+        if self.seq_hidden < 1:
+            problems.append(f"seq_hidden={self.seq_hidden}: must be positive")
+        defaults = {field.name: field.default_factory() if field.default is dataclasses.MISSING else field.default
+                    for field in dataclasses.fields(self)}
+        changed = [name for name in ("seq_offsets", "seq_hidden", "freeze_encoder") if getattr(self, name) != defaults[name]]
+        if changed and self.model_name != "seq_flow":
+            problems.append(f"{', '.join(changed)}: options of model_name='seq_flow' only "
                             f"(got model_name={self.model_name!r})")
         return problems
 

@@ -285,14 +285,21 @@ def load_model_weights(model: torch.nn.Module, path, map_location="cpu") -> torc
     """Load network weights only (``--init_weights``) from a checkpoint or a bare state dict.
 
     Accepts our checkpoints (their ``"model"``) and bare state dicts such as the TUS-REC baseline's
-    released ``model_weights`` files; a ``module.`` (DataParallel/DDP) or ``_orig_mod.`` prefix is
+    released ``model_weights`` files; the weights of a model's ``encoder`` alone (a ``patch_flow``
+    checkpoint for a ``seq_flow``) load into that encoder, the rest keeping its initialisation; a ``module.`` (DataParallel/DDP) or ``_orig_mod.`` prefix is
     stripped, and ``model`` may itself be wrapped. Loads with ``strict=True``; on a mismatch raises
     ValueError naming the file and the first missing keys, unexpected keys and shape mismatches.
     Returns ``model``.
     """
     path = Path(path)
     state = _state_dict_of(_torch_load(path, map_location), path)
-    load_model_state(unwrap_model(model), state, str(path))
+    target = unwrap_model(model)
+    # Staged training: a network built on a 2-frame encoder (seq_flow's ``encoder``, a patch_flow)
+    # starts from that encoder's checkpoint; only a file holding exactly the encoder's weights goes there.
+    encoder = getattr(target, "encoder", None)
+    if isinstance(encoder, torch.nn.Module) and set(strip_wrapper_prefix(state)) == set(encoder.state_dict()):
+        target = encoder
+    load_model_state(target, state, str(path))
     return model
 
 

@@ -71,7 +71,8 @@ CPU_BATCH_SIZES = ((200 * 200, 16), (320 * 480, 4), (math.inf, 2))
 # Networks whose cost per window does not grow with the frame size (a fixed number of patches):
 # windows per forward pass on a CPU. patch_flow on 2 cores at 480x640: 0.17 s per pair at batch 2,
 # 0.04 at 16 (per-call overheads dominate small batches).
-CPU_BATCH_SIZE_BY_MODEL = {"patch_flow": 32}
+# seq_flow: windows per call of its temporal part (its frame pairs are measured once per scan).
+CPU_BATCH_SIZE_BY_MODEL = {"patch_flow": 32, "seq_flow": 16}
 
 # glibc malloc options (mallopt parameter numbers from malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -124,6 +125,9 @@ class PredictionSettings:
             and ``amp_dtype``), None for full precision. Never used on the CPU.
         cpu_batch_size: windows per forward pass on a CPU when ``batch_size`` is None; None chooses
             by frame size (``CPU_BATCH_SIZES``), a number is the model's own (``CPU_BATCH_SIZE_BY_MODEL``).
+        window_pairs: the pairs each window predicts (``utils.transform.window_pairs``): the baseline's,
+            or every consecutive pair (a sequence model; checkpoints from before the option have none,
+            which means the baseline's).
     """
 
     pred_type: str = "parameter"
@@ -134,11 +138,15 @@ class PredictionSettings:
     cuda_batch_size: int = 32
     amp_dtype: str | None = None
     cpu_batch_size: int | None = None
+    window_pairs: str = "baseline"
 
     def __post_init__(self):
         if self.pred_type not in tf.PRED_TYPES:
             raise InputError(f"pred_type={self.pred_type!r} is not one of {list(tf.PRED_TYPES)}")
-        tf.pair_samples(self.num_samples, self.num_pred)  # validates num_samples and num_pred
+        try:  # validates num_samples, num_pred and window_pairs together
+            tf.window_pairs(self.window_pairs, self.num_samples, self.num_pred)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         if int(self.downsample) != self.downsample or self.downsample < 1:
             raise InputError(f"downsample={self.downsample!r}: expected an integer >= 1")
         if self.batch_size is not None and (int(self.batch_size) != self.batch_size or self.batch_size < 1):
@@ -162,6 +170,7 @@ class PredictionSettings:
             cuda_batch_size=int(_option(options, "inference_batch_size", 32) or 32),
             amp_dtype=str(_option(options, "amp_dtype", "bfloat16")) if amp else None,
             cpu_batch_size=CPU_BATCH_SIZE_BY_MODEL.get(_option(options, "model_name")),
+            window_pairs=str(_option(options, "window_pairs", "baseline") or "baseline"),
         )
 
     def network_frame_size(self, height: int, width: int) -> tuple[int, int]:
@@ -316,7 +325,7 @@ def predict_transforms(model, frames, settings: PredictionSettings, scale, devic
         global_pred, local_pred = predict_scan_transforms(
             model, inputs, num_samples=settings.num_samples, num_pred=settings.num_pred,
             pred_type=settings.pred_type, image_points_mm=points, device=device, batch_size=batch_size,
-            amp_dtype=settings.torch_amp_dtype(device), progress=progress)
+            amp_dtype=settings.torch_amp_dtype(device), progress=progress, window_pairs=settings.window_pairs)
         global_pred = torch.as_tensor(global_pred).to("cpu", torch.float64)  # a sync point on a GPU
         local_pred = torch.as_tensor(local_pred).to("cpu", torch.float64)
         seconds = time.perf_counter() - start

@@ -25,11 +25,12 @@ from utils.errors import InputError
 from utils.transform import (
     PRED_TYPES,
     invert_rigid,
-    pair_samples,
+    chain_local_transforms,
     points_to_matrix,
     prediction_to_matrix,
     type_dim,
 )
+from utils.transform import window_pairs as window_pairs_of
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,36 @@ def compose_plan(edges: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     raise AssertionError("the plan's parent links contain a cycle")  # window_plan never builds one
 
 
+def sequence_windows(num_frames: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping windows for a network that predicts every consecutive pair of its window, and
+    which window predicts each step.
+
+    Windows of ``num_samples`` frames start every ``(num_samples - 1) // 2`` frames (at least 1),
+    the last one at ``N - num_samples`` so the scan's end is covered; step i (the local transform
+    of frame i, i = 1..N-1) is the pair ``(i-1-s, i-s)`` of a window starting at s, and is taken
+    from the window where it lies nearest the middle (the earlier one on a tie): a sequence model
+    predicts best where it sees as much before a step as after it.
+
+    Returns:
+        ``(starts long [W], window long [N-1])``: first frame of each window, ascending; for step i
+        (row i-1) the index into ``starts`` of its window.
+    Raises:
+        ValueError: N < num_samples.
+    """
+    num_frames, num_samples = int(num_frames), int(num_samples)
+    if num_frames < num_samples:
+        raise InputError(f"a scan of {num_frames} frames is shorter than one window of NUM_SAMPLES={num_samples}")
+    stride = max(1, (num_samples - 1) // 2)
+    starts = list(range(0, num_frames - num_samples + 1, stride))
+    if starts[-1] != num_frames - num_samples:
+        starts.append(num_frames - num_samples)
+    starts = torch.tensor(starts, dtype=torch.long)
+    position = torch.arange(num_frames - 1)[:, None] - starts[None, :]  # step row k = i - 1 in each window
+    inside = (position >= 0) & (position <= num_samples - 2)
+    off_centre = (position - (num_samples - 2) / 2).abs().masked_fill(~inside, float("inf"))
+    return starts, off_centre.argmin(dim=1)  # argmin takes the first (earlier) window on a tie
+
+
 def _frames_on(frames, device: torch.device) -> torch.Tensor:
     """One uint8 [N, h, w] copy of the scan on ``device``."""
     if isinstance(frames, torch.Tensor):
@@ -214,6 +245,7 @@ def predict_scan_transforms(
     batch_size: int = 32,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    window_pairs: str = "baseline",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predict every frame's global and local transform of one scan.
 
@@ -233,6 +265,9 @@ def predict_scan_transforms(
         amp_dtype: e.g. ``torch.float16`` to run under ``torch.autocast`` on ``device``; None for
             full precision.
         progress: show a tqdm bar over the batches.
+        window_pairs: ``"baseline"`` (the pairs of ``pair_samples``, planned by ``window_plan``) or
+            ``"consecutive"`` (every local pair of the window, ``consecutive_pairs``; overlapping
+            windows, each step from the window it is most central in, ``sequence_windows``).
     Returns:
         ``(global, local)``, each float64 [N-1, 4, 4] on the CPU, row i-1 for frame i: global
         ``T_{0<-i}``, local ``T_{i-1<-i} = T_{0<-i-1}^-1 T_{0<-i}`` (exactly the predicted edge where
@@ -246,7 +281,11 @@ def predict_scan_transforms(
         raise InputError(f"pred_type={pred_type!r} is not one of {list(PRED_TYPES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r} must be a positive integer")
-    pairs = pair_samples(num_samples, num_pred)
+    if window_pairs == "consecutive":
+        return _predict_sequence_scan(model, frames, num_samples=num_samples, num_pred=num_pred, pred_type=pred_type,
+                                      image_points_mm=image_points_mm, device=device, batch_size=batch_size,
+                                      amp_dtype=amp_dtype, progress=progress)
+    pairs = window_pairs_of(window_pairs, num_samples, num_pred)
     num_pairs = len(pairs)
     reference_points = None
     num_points = 4
@@ -322,6 +361,79 @@ def predict_scan_transforms(
     direct_local = (plan.parent == frame - 1) & ~plan.inverted
     local_tforms = torch.where(direct_local[:, None, None], edges, local_tforms)
 
+    finite = torch.isfinite(global_tforms).flatten(1).all(dim=1) & torch.isfinite(local_tforms).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        first_bad = int(torch.nonzero(~finite)[0, 0]) + 1
+        raise InputError(f"the predicted transform of frame {first_bad} is not finite (e.g. a zero quaternion or "
+                         f"a singular 'transform' prediction)")
+    return global_tforms, local_tforms
+
+
+def _values_to_edges(values: torch.Tensor, pred_type: str, reference_points, num_points: int) -> torch.Tensor:
+    if pred_type == "point":
+        return points_to_matrix(values.reshape(len(values), 3, num_points), reference_points)
+    return prediction_to_matrix(values, pred_type)
+
+
+def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, image_points_mm, device, batch_size,
+                           amp_dtype, progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predict_scan_transforms`` for ``window_pairs="consecutive"``: every step from the overlapping
+    window it is most central in (``sequence_windows``).
+
+    A network with ``scan_features``, ``window_inputs`` and ``decode`` (``seq_flow``) measures every
+    frame pair of the scan once and runs only its temporal part per window (``batch_size`` windows
+    per call), with exactly the numbers it would compute from each window's frames; any other runs
+    whole windows of frames, ``batch_size`` at a time.
+    """
+    window_pairs_of("consecutive", num_samples, num_pred)  # validates num_pred
+    reference_points, num_points = None, 4
+    if pred_type == "point":
+        if image_points_mm is None:
+            raise InputError("pred_type='point' needs image_points_mm, the [4, P] reference points in image mm")
+        reference_points = torch.as_tensor(image_points_mm).to(device="cpu", dtype=torch.float64)
+        num_points = reference_points.shape[-1]
+    values_per_pair = type_dim(pred_type, num_points, 1)
+    steps = num_samples - 1
+    scan = _frames_on(frames, device)
+    starts, window = sequence_windows(len(scan), num_samples)
+    fast = all(hasattr(model, name) for name in ("scan_features", "window_inputs", "decode"))
+    batches = range(0, len(starts), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(starts) / batch_size), desc="windows", unit="batch")
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if fast:
+                features = model.scan_features(scan)
+            for first in batches:
+                chosen = starts[first:first + batch_size].to(device)
+                if fast:
+                    out = model.decode(*model.window_inputs(features, chosen)).reshape(len(chosen), -1)
+                else:
+                    index = chosen[:, None] + torch.arange(num_samples, device=device)
+                    out = model(scan[index].float().div_(255))
+                if out.ndim != 2 or out.shape != (len(chosen), steps * values_per_pair):
+                    raise InputError(f"model output {tuple(out.shape)} for {len(chosen)} windows; expected "
+                                     f"[{len(chosen)}, {steps * values_per_pair}] = {steps} consecutive pairs x "
+                                     f"{values_per_pair} {pred_type!r} values (NUM_SAMPLES={num_samples})")
+                outputs.append(out.to("cpu", torch.float64, copy=True))
+    finally:
+        model.train(was_training)
+    outputs = torch.cat(outputs).reshape(len(starts), steps, values_per_pair)
+    position = torch.arange(len(scan) - 1) - starts[window]
+    values = outputs[window, position]  # [N-1, D]
+    finite = torch.isfinite(values).all(dim=1)
+    if not bool(finite.all()):
+        bad = int(torch.nonzero(~finite)[0, 0])
+        start = int(starts[window[bad]])
+        raise InputError(f"the model's output is not finite for scan window {start} (frames {start}.."
+                         f"{start + num_samples - 1}); {int((~finite).sum())} of {len(values)} steps affected")
+    local_tforms = _values_to_edges(values, pred_type, reference_points, num_points)
+    global_tforms = chain_local_transforms(local_tforms)
     finite = torch.isfinite(global_tforms).flatten(1).all(dim=1) & torch.isfinite(local_tforms).flatten(1).all(dim=1)
     if not bool(finite.all()):
         first_bad = int(torch.nonzero(~finite)[0, 0]) + 1

@@ -180,6 +180,38 @@ def pair_samples(num_samples: int, num_pred: int) -> torch.Tensor:
     return torch.tensor(pairs, dtype=torch.long)
 
 
+# How a window's predicted pairs are laid out: the baseline's (``pair_samples``), or every
+# consecutive pair (a sequence model predicts each frame's local transform in one pass).
+WINDOW_PAIRS = ("baseline", "consecutive")
+
+
+def consecutive_pairs(num_samples: int) -> torch.Tensor:
+    """Every local pair of a window of ``num_samples`` frames: [num_samples - 1, 2] rows ``(i, i+1)``.
+
+    The network predicts ``T_{i<-i+1}`` for row i, so a window gives the local transform of each of
+    its frames after the first.
+    """
+    num_samples = int(num_samples)
+    if num_samples < 2:
+        raise ValueError(f"NUM_SAMPLES={num_samples} must be at least 2 (a pair of frames)")
+    index = torch.arange(num_samples - 1)
+    return torch.stack([index, index + 1], dim=1)
+
+
+def window_pairs(kind: str, num_samples: int, num_pred: int) -> torch.Tensor:
+    """The pairs ``(j, i)`` a network predicts per window: ``pair_samples(num_samples, num_pred)`` for
+    ``kind="baseline"``, ``consecutive_pairs(num_samples)`` for ``"consecutive"`` (which needs
+    ``num_pred = num_samples - 1``: one transform per frame after the first)."""
+    if kind == "baseline":
+        return pair_samples(num_samples, num_pred)
+    if kind != "consecutive":
+        raise ValueError(f"window_pairs={kind!r} is not one of {list(WINDOW_PAIRS)}")
+    if int(num_pred) != int(num_samples) - 1:
+        raise ValueError(f"window_pairs='consecutive' predicts every frame after the first: NUM_PRED must be "
+                         f"NUM_SAMPLES-1 = {int(num_samples) - 1}, got {num_pred}")
+    return consecutive_pairs(num_samples)
+
+
 def data_pairs_global(num_frames: int) -> torch.Tensor:
     """Pairs ``(0, i)`` for i = 0..num_frames-1 (the baseline's helper; row 0 is the identity)."""
     index = torch.arange(num_frames)
