@@ -75,6 +75,7 @@ from utils.cli import run_cli
 from utils.errors import InputError
 from utils.evaluation import (
     PredictionSettings,
+    ScanResult,
     configure_cpu_inference,
     evaluate_scan,
     format_tables,
@@ -325,7 +326,9 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
 
     def evaluate(ref: ScanRef):
         # evaluate_scan raises on a non-finite prediction before anything of the scan is written.
-        return evaluate_scan(model, settings, ref, calibration, device, progress=interactive)
+        result = evaluate_scan(model, settings, ref, calibration, device, progress=interactive)
+        add_sign_columns(result, np.array(calibration.scale))
+        return result
 
     with replaced_folder(out_dir) as staging, _log_to(staging / "log.txt"):
         log.info("checkpoint %s: %s, PRED_TYPE=%s, NUM_SAMPLES=%d, NUM_PRED=%d, downsample=%d", args.ckpt,
@@ -338,6 +341,8 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
             "device": str(device), "model": model_name, "pred_type": settings.pred_type,
             "num_samples": settings.num_samples, "num_pred": settings.num_pred,
             "downsample": settings.downsample})
+        text += sign_report(table, f"{model_name} checkpoint's")
+        _write_text(staging / "tables.txt", text)
     _print_report(out_dir, table, text, args)
     return out_dir, summary
 
@@ -398,9 +403,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
         scan = read_scan(ref)
         global_pred, local_pred, seconds = speckle.predict_scan_speckle(scan.frames, scale, curve, args.speckle_sign)
         result = score_prediction(ref, scan, calibration, global_pred, local_pred, seconds)
-        agree, counted, moving = speckle.out_of_plane_sign_accuracy(
-            local_pred, result.local_true, scale, *result.frame_size, min_rms_mm=SIGN_MIN_RMS_MM)
-        result.extra_columns.update(oop_sign_agree=agree, oop_sign_counted=counted, oop_moving_pairs=moving)
+        add_sign_columns(result, scale)
         return result
 
     with replaced_folder(out_dir) as staging, _log_to(staging / "log.txt"):
@@ -424,15 +427,29 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
         table, summary, text = _write_tables(staging, results, attrs={
             "method": "speckle", "data_path": str(data_root), "split": args.split, "device": "cpu",
             "sign_rule": args.speckle_sign, "speckle_calibration": str(args.speckle_calibration or "")})
-        agree, counted, moving = (int(table[name].sum()) for name in
-                                  ("oop_sign_agree", "oop_sign_counted", "oop_moving_pairs"))
-        accuracy = (f"{agree / counted:.3f} ({agree} of the {counted} pairs given a direction)" if counted else
-                    "not defined: the rule gives no direction")
-        text += (f"\n\nOut-of-plane sign accuracy of the {args.speckle_sign!r} rule: {accuracy}; among the {moving} "
-                 f"pairs with more than {SIGN_MIN_RMS_MM} mm RMS true out-of-plane motion over the image")
+        text += sign_report(table, f"{args.speckle_sign!r} rule's")
         _write_text(staging / "tables.txt", text)
     _print_report(out_dir, table, text, args)
     return out_dir, summary
+
+
+def add_sign_columns(result: ScanResult, scale) -> None:
+    """Count the scan's pairs by out-of-plane direction into ``scores.csv``: those that truly move out of
+    plane (``oop_moving_pairs``, more than ``SIGN_MIN_RMS_MM`` RMS over the image), those of them given
+    a direction (``oop_sign_counted``) and those given the right one (``oop_sign_agree``)."""
+    agree, counted, moving = speckle.out_of_plane_sign_accuracy(
+        result.local_pred, result.local_true, scale, *result.frame_size, min_rms_mm=SIGN_MIN_RMS_MM)
+    result.extra_columns.update(oop_sign_agree=agree, oop_sign_counted=counted, oop_moving_pairs=moving)
+
+
+def sign_report(table: pd.DataFrame, whose: str) -> str:
+    """The report's line on the out-of-plane sign accuracy over every scan of ``table``."""
+    agree, counted, moving = (int(table[name].sum()) for name in
+                              ("oop_sign_agree", "oop_sign_counted", "oop_moving_pairs"))
+    accuracy = (f"{agree / counted:.3f} ({agree} of the {counted} pairs given a direction)" if counted else
+                "not defined: no direction is predicted")
+    return (f"\n\nOut-of-plane sign accuracy of the {whose} prediction: {accuracy}; among the {moving} pairs with "
+            f"more than {SIGN_MIN_RMS_MM} mm RMS true out-of-plane motion over the image")
 
 
 def _first_frames(refs: list[ScanRef], count: int):

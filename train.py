@@ -20,6 +20,12 @@ turned into the label type (``LABEL_TYPE``) and compared with the label from the
 MSE. The point distance (mm between the image corners moved by the predicted and by the true
 transform) is reported for training and validation; every ``val_scan_every`` epochs the whole
 validation scans are predicted and scored with the official GPE/LPE.
+
+A sequence model (``--preset seq_cpu``: ``seq_flow``, ``--window_pairs consecutive``) predicts the
+local transform of every frame of its window instead; ``--accumulated_loss_weight`` adds the error of
+those transforms chained from the window's first frame (drift), and validation reports it
+(``val_window_drift``). Stage 2 of its training starts from a 2-frame run:
+``--init_weights results/<NNN>-cpu_hour/last.pt`` loads a ``patch_flow`` checkpoint into its encoder.
 """
 
 from __future__ import annotations

@@ -275,8 +275,8 @@ class TrainOptions:
         changed = [name for name in ("patch_size", "num_patches", "search_radius", "patch_selection", "robust_iterations")
                    if getattr(self, name) != defaults[name]]
         if changed and self.model_name not in ("patch_flow", "seq_flow"):
-            problems.append(f"{', '.join(changed)}: options of model_name='patch_flow' (and of seq_flow's "
-                            f"patch_flow encoder) only (got model_name={self.model_name!r})")
+            problems.append(f"{', '.join(changed)}: options of model_name='patch_flow' or 'seq_flow' (its "
+                            f"encoder) only (got model_name={self.model_name!r})")
         return problems
 
     def _sequence_problems(self) -> list[str]:

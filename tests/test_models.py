@@ -46,9 +46,9 @@ def test_efficientnet_b1_matches_the_baseline_state_dict():
         assert_close(ours(frames), baseline(frames), rtol=0, atol=0)
 
 
-# Networks that take any window and output any width; patch_flow is a 2-frame, 6-parameter model
-# (tests/test_patch_flow.py).
-WINDOW_MODELS = tuple(name for name in models.MODEL_NAMES if name != "patch_flow")
+# Networks that take any window and output any width; patch_flow is a 2-frame, 6-parameter model, seq_flow
+# predicts 6 parameters per consecutive pair (tests/test_patch_flow.py, tests/test_seq_flow.py).
+WINDOW_MODELS = tuple(name for name in models.MODEL_NAMES if name not in ("patch_flow", "seq_flow"))
 
 
 @pytest.mark.parametrize("name", WINDOW_MODELS)

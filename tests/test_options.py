@@ -519,7 +519,7 @@ def test_cpu_hour_preset():
     ({"flip_prob": 1.5}, "flip_prob=1.5: must be in"),
     ({"gain_jitter": 1.0}, r"gain_jitter=1.0: must be in \[0, 1\)"),
     # Options of one model given to another would be ignored silently.
-    ({"num_patches": 64}, "num_patches: options of model_name='patch_flow' only"),
+    ({"num_patches": 64}, "num_patches: options of model_name='patch_flow' or 'seq_flow'"),
     ({"robust_iterations": 3, "patch_size": 48}, "patch_size, robust_iterations: options of"),
 ])
 def test_per_dof_options_are_checked(values, message):

@@ -282,8 +282,9 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
 
     # generate_DDF.py on the test fold, unchanged
     result_dir, summary = generate_DDF.main(["--ckpt", str(stage2.run_dir / "last.pt"), "--split", "test"])
-    scores = (result_dir / "scores.csv").read_text()
-    assert "GPE" in scores and summary is not None
+    header = (result_dir / "scores.csv").read_text().splitlines()[0].split(",")
+    assert {"GPE", "oop_sign_agree", "oop_sign_counted", "oop_moving_pairs"} <= set(header) and summary is not None
+    assert "Out-of-plane sign accuracy of the seq_flow checkpoint's prediction" in (result_dir / "tables.txt").read_text()
 
     # predict_ddfs, as the challenge harness calls it
     entry.clear_cache()
@@ -303,3 +304,18 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
                                    "--ckpt", str(stage2.run_dir / "last.pt"), "--out", str(tmp_path / "volumes"),
                                    "--spacing", "1.0"])
     assert any(volume_dir.rglob("*.mha")) or any(volume_dir.rglob("*.nii*")) or any(volume_dir.rglob("*.npy"))
+
+
+def test_frame_moments_are_the_brightness_and_its_weighted_centre_and_spread():
+    from models.seq_flow import frame_moments
+
+    image = torch.zeros(1, 60, 80)
+    image[0, 10:20, 60:70] = 1.0  # a bright square: rows 10..19, columns 60..69
+    mean, centre_x, centre_y, spread_y = frame_moments(image)[0].tolist()
+    assert mean == pytest.approx(100 / (60 * 80))
+    # pixel centres relative to the image: (index + 0.5) / size - 0.5
+    assert centre_x == pytest.approx((65 / 80) - 0.5)
+    assert centre_y == pytest.approx((15 / 60) - 0.5)
+    assert spread_y == pytest.approx(np.std(np.arange(10, 20)) / 60, rel=1e-5)
+    lower = torch.roll(image, 6, dims=1)  # the echoes move 6 rows down the image
+    assert frame_moments(lower)[0, 2] - frame_moments(image)[0, 2] == pytest.approx(6 / 60)

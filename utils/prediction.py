@@ -11,6 +11,10 @@ placed before it (a spanning tree rooted at frame 0), and which windows must run
 
 The baseline strides windows and leaves the last frames of the scan at the previous pose when
 ``NUM_SAMPLES > 2``; here every frame gets its own predicted transform.
+
+A sequence model predicts every consecutive pair of its window (``window_pairs="consecutive"``):
+its windows overlap by half (``sequence_windows``) and each local transform is taken from the
+window where it lies nearest the middle, with as much context before it as after.
 """
 
 from __future__ import annotations
