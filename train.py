@@ -75,6 +75,7 @@ from utils.run_dir import make_run_dir
 from utils.training_data import (
     EpochSampler,
     FrameWindowDataset,
+    MeasuredWindowDataset,
     cache_downsampled_scans,
     read_folds,
     read_scan_frames,
@@ -448,7 +449,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
         except StopIteration:
             break
         data_wait += time.perf_counter() - wait_start
-        frames = frames.to(device, non_blocking=True).float().div_(255)
+        frames = network_input(frames, device)
         tforms = tforms.to(device, non_blocking=True)
         labels = geometry.labels(tforms)
         with autocast_context(device, options):
@@ -479,7 +480,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
         loss_sum += loss_value
         dist_sum += dist_mm
         batches += 1
-        samples += frames.shape[0]
+        samples += tforms.shape[0]
         progress.update(loss_value, dist_mm)
         if options.save_every_steps and state["step"] % options.save_every_steps == 0:
             state["save"]("last.pt")
@@ -497,6 +498,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, geometry: PairG
         "epoch_s": elapsed,
         "batches": int(batches),
     }
+
+
+def network_input(batch, device: torch.device):
+    """A loader's batch as the network takes it: uint8 frames as floats / 255, or (``--feature_cache``)
+    the dict of a network's cached measurements, moved to ``device``."""
+    if isinstance(batch, dict):
+        return {key: network_input(value, device) if isinstance(value, dict) else value.to(device, non_blocking=True)
+                for key, value in batch.items()}
+    return batch.to(device, non_blocking=True).float().div_(255)
 
 
 def stop_requested(stop: StopSignals | None, device: torch.device, distributed: Distributed) -> bool:
@@ -524,12 +534,12 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
     dof_sums = torch.zeros(15, dtype=torch.float64)  # abs error [6], abs true [6], pairs, sign right, scored
     consecutive = geometry.num_pairs > 1 and geometry.consecutive
     for frames, tforms, _ in loader:
-        frames = frames.to(device, non_blocking=True).float().div_(255)
+        frames = network_input(frames, device)
         labels = geometry.labels(tforms.to(device))
         with autocast_context(device, options):
             outputs = model(frames)
         predictions = geometry.predictions(outputs)
-        batch = frames.shape[0]
+        batch = tforms.shape[0]
         per_window_loss = geometry.value_losses(predictions, labels).reshape(batch, -1).mean(dim=1)
         dofs = geometry.dof_errors(predictions, labels)
         dof_sums += torch.cat([dofs["abs_error"].cpu(), dofs["abs_true"].cpu(),
@@ -753,13 +763,15 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
     if distributed.is_main and checkpoint is not None:
         # Rows of epochs after the checkpoint come from the run that died: they are trained again.
         keep_metrics_rows_until(run_dir / "metrics.csv", checkpoint["epoch"])
-    loaders = make_loaders(options, data, device, distributed)
     geometry = make_geometry(options, data, device)
     label_stats = checkpoint["label_stats"] if checkpoint is not None and "label_stats" in checkpoint \
         else training_label_statistics(data, geometry, options)
     if options.label_norm or options.loss_dofs != "all":
         geometry.loss_weights = label_loss_weights(label_stats, options).to(device)
     model, model_args = build_network(options, geometry, data, label_stats, namespace.init_weights, checkpoint, device)
+    if checkpoint is not None and options.feature_cache:  # measured with the run's own (fixed) encoder
+        load_model_state(model, checkpoint["model"], f"checkpoint {namespace.resume}")
+    loaders = make_loaders(options, data, device, distributed, model)
     optimizer = make_optimizer(model, options)
     steps_per_epoch = math.ceil(len(loaders.train_sampler) / options.minibatch_size)
     total_steps = options.max_steps or (steps_per_epoch * options.num_epochs if options.num_epochs < 10**7 else None)
@@ -999,7 +1011,32 @@ class Loaders:
     val: DataLoader | None
 
 
-def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed) -> Loaders:
+def measured_scans(model, scans, read_factor: int, device: torch.device, what: str) -> MeasuredWindowDataset:
+    """``--feature_cache``: each scan measured once by the network's fixed first stage (``measure_scan``),
+    kept in memory on the CPU, windows sliced from it."""
+    measurements, poses = [], []
+    started = time.perf_counter()
+    for ref in scans:
+        frames = torch.from_numpy(read_scan_frames(ref, read_factor)).to(device)
+        measured = model.measure_scan(frames)
+        measurements.append(_to_cpu_rows(measured))
+        with ScanFile(ref) as scan_file:
+            poses.append(np.asarray(scan_file.read_tforms(), dtype=np.float64))
+    log.info("feature cache: %d %s scans measured in %.0f s", len(scans), what, time.perf_counter() - started)
+    return MeasuredWindowDataset(measurements, poses, int(unwrap_model(model).num_frames))
+
+
+def _to_cpu_rows(measured):
+    """``measure_scan``'s dict (batch of one) as per-frame rows on the CPU."""
+    if isinstance(measured, dict):
+        return {key: _to_cpu_rows(value) for key, value in measured.items()}
+    return measured[0].cpu()
+
+
+def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed,
+                 model=None) -> Loaders:
+    if options.feature_cache:
+        return make_measured_loaders(options, data, device, distributed, model)
     # Mirrored in the original pixels' mm: the frames handed out are data.width // downsample wide.
     mirror = Mirror.for_frames(data.calibration, data.width // options.downsample, options.downsample)
     train_set = FrameWindowDataset(data.train_scans, options.num_samples, options.sample_range,
@@ -1026,6 +1063,26 @@ def make_loaders(options: TrainOptions, data: RunData, device: torch.device, dis
         val_loader = DataLoader(val_set, sampler=val_sampler, **loader_args)
     else:
         log.warning("no validation scans (folds %s): validation and best.pt are skipped", options.val_folds)
+    return Loaders(train_loader, train_sampler, val_loader)
+
+
+def make_measured_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed,
+                          model) -> Loaders:
+    """``--feature_cache`` loaders: windows of the scans' cached measurements (``MeasuredWindowDataset``),
+    read in the main process (the cache is in memory: workers would only copy it)."""
+    model = unwrap_model(model)
+    train_set = measured_scans(model, data.train_scans, data.read_factor, device, "training")
+    train_sampler = EpochSampler(len(train_set), options.samples_per_scan, seed=options.seed, shuffle=True,
+                                 rank=distributed.rank, world_size=distributed.world_size)
+    loader_args = dict(batch_size=options.minibatch_size, num_workers=0, generator=torch.Generator())
+    train_loader = DataLoader(train_set, sampler=train_sampler, **loader_args)
+    val_loader = None
+    if data.val_scans:
+        val_set = measured_scans(model, data.val_scans, data.read_factor, device, "validation")
+        val_sampler = EpochSampler(len(val_set), options.val_samples_per_scan, seed=options.seed + 1, shuffle=False,
+                                   rank=distributed.rank, world_size=distributed.world_size)
+        val_sampler.set_epoch(0)  # fixed windows: every validation sees the same ones
+        val_loader = DataLoader(val_set, sampler=val_sampler, **loader_args)
     return Loaders(train_loader, train_sampler, val_loader)
 
 

@@ -195,10 +195,9 @@ class SeqFlowNet(nn.Module):
                     parts.append({"peak": correlation.amax(dim=(1, 2)).reshape(position.shape[:2]), "position": position})
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0] if key != "weight"}
 
-    def _looks(self, frames: torch.Tensor) -> torch.Tensor:
-        """[n, H, W] frames in [0, 1] -> [n, MOMENTS + appearance_dim]: ``frame_moments`` and the learned
-        appearance vector of the frame's thumbnail."""
-        thumbnails = torch.nn.functional.adaptive_avg_pool2d(frames.float(), THUMBNAIL)
+    def _looks(self, thumbnails: torch.Tensor) -> torch.Tensor:
+        """[n, 60, 80] thumbnails -> [n, MOMENTS + appearance_dim]: ``frame_moments`` and the learned
+        appearance vector."""
         return torch.cat([frame_moments(thumbnails), self.appearance(thumbnails)], dim=1)
 
     def _assemble(self, features: dict, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,54 +236,87 @@ class SeqFlowNet(nn.Module):
         context, _ = self.temporal(self.project(steps))
         return encoder_params + self.head(context) * self.label_std
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    def forward(self, frames) -> torch.Tensor:
+        """[B, num_frames, H, W] frames in [0, 1], or their ``measure`` (a dict: a stage-2 run whose
+        encoder is fixed measures each training scan once, ``--feature_cache``) -> [B, (num_frames - 1) * 6]."""
+        measurements = frames if isinstance(frames, dict) else self.measure(frames)
+        steps, encoder_params = self.window_steps(measurements)
+        return self.decode(steps, encoder_params).reshape(len(steps), -1)
+
+    def measure(self, frames: torch.Tensor) -> dict:
+        """What a window's frames give before anything learned after the encoder.
+
+        Args:
+            frames: [B, num_frames, H, W] frames in [0, 1].
+        Returns:
+            ``{"grids": {offset k: [B, L - k, G] decorrelation_grid of each pair (a, a + k)},
+            "params": [B, L - 1, 6] the encoder's prediction of each consecutive pair,
+            "thumbnails": [B, L, 60, 80]}``: every value indexed by the window's frames (pairs by
+            their first frame), so a scan's ``measure_scan`` sliced at a window is this.
+        """
         if frames.ndim != 4 or frames.shape[1] != self.num_frames:
             raise InputError(f"SeqFlowNet takes [B, {self.num_frames}, H, W] windows of frames; got {tuple(frames.shape)}")
-        steps, encoder_params = self.window_steps(frames)
-        return self.decode(steps, encoder_params).reshape(len(frames), -1)
-
-    def window_steps(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L, H, W] frames in [0, 1] -> the temporal model's inputs ``(steps [B, L-1, F],
-        encoder_params [B, L-1, 6])``, each window on its own."""
         batch, length = frames.shape[:2]
-        features = {"grids": {}}
+        measurements = {"grids": {}}
         for offset in self.offsets:
             first = frames[:, :-offset].flatten(0, 1)
             second = frames[:, offset:].flatten(0, 1)
             values = self._encode_pairs(lambda a, b: torch.stack([first[a:b], second[a:b]], dim=1), len(first), offset)
-            features["grids"][offset] = self._grid(values).reshape(batch, length - offset, -1)
+            measurements["grids"][offset] = self._grid(values).reshape(batch, length - offset, -1)
             if offset == 1:
-                features["params"] = values["params"].float().reshape(batch, length - 1, 6)
-        features["looks"] = self._looks(frames.flatten(0, 1)).reshape(batch, length, -1)
-        return self._assemble(features, torch.zeros(batch, 1, dtype=torch.long, device=frames.device), length)
+                measurements["params"] = values["params"].float().reshape(batch, length - 1, 6)
+        measurements["thumbnails"] = torch.nn.functional.adaptive_avg_pool2d(frames.float(), THUMBNAIL)
+        return measurements
+
+    def window_steps(self, measurements: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of windows' ``measure`` -> the temporal model's inputs ``(steps [B, L-1, F],
+        encoder_params [B, L-1, 6])``, each window on its own."""
+        thumbnails = measurements["thumbnails"]
+        batch, length = thumbnails.shape[:2]
+        looks = self._looks(thumbnails.flatten(0, 1)).reshape(batch, length, -1)
+        features = {"grids": measurements["grids"], "params": measurements["params"], "looks": looks}
+        return self._assemble(features, torch.zeros(batch, 1, dtype=torch.long, device=thumbnails.device), length)
 
     @staticmethod
     def _grid(values: dict) -> torch.Tensor:
         return decorrelation_grid(values["peak"].float(), values["position"].float())
 
     @torch.no_grad()
-    def scan_features(self, scan: torch.Tensor) -> dict:
-        """Every measurement a whole scan's windows need, each frame pair measured once.
+    def measure_scan(self, scan: torch.Tensor) -> dict:
+        """``measure`` of a whole scan as one sequence, each frame pair measured once.
 
         Args:
             scan: uint8 [N, H, W] frames (on the model's device); only ``ENCODER_CHUNK`` frame pairs
                 exist as floats at a time.
         Returns:
-            the ``features`` of ``window_inputs`` (one sequence of N frames).
+            ``measure``'s dict for B = 1, L = N (the grids of offset k hold N - k pairs).
         """
         length = scan.shape[0]
-        features = {"grids": {}}
+        measurements = {"grids": {}}
         for offset in self.offsets:
             def pairs_between(a, b, k=offset):
                 return torch.stack([scan[a:b], scan[a + k:b + k]], dim=1).float().div_(255)
 
             values = self._encode_pairs(pairs_between, length - offset, offset)
-            features["grids"][offset] = self._grid(values)[None]
+            measurements["grids"][offset] = self._grid(values)[None]
             if offset == 1:
-                features["params"] = values["params"].float()[None]
-        features["looks"] = torch.cat([self._looks(scan[a:a + ENCODER_CHUNK].float().div_(255))
-                                       for a in range(0, length, ENCODER_CHUNK)])[None]
-        return features
+                measurements["params"] = values["params"].float()[None]
+        measurements["thumbnails"] = torch.cat([
+            torch.nn.functional.adaptive_avg_pool2d(scan[a:a + ENCODER_CHUNK].float().div_(255), THUMBNAIL)
+            for a in range(0, length, ENCODER_CHUNK)])[None]
+        return measurements
+
+    @torch.no_grad()
+    def scan_features(self, scan: torch.Tensor) -> dict:
+        """Everything a whole scan's windows need (``window_inputs``), each frame pair measured once.
+
+        Args:
+            scan: uint8 [N, H, W] frames (on the model's device).
+        """
+        measurements = self.measure_scan(scan)
+        thumbnails = measurements["thumbnails"][0]
+        looks = torch.cat([self._looks(thumbnails[a:a + ENCODER_CHUNK]) for a in range(0, len(thumbnails), ENCODER_CHUNK)])
+        return {"grids": measurements["grids"], "params": measurements["params"], "looks": looks[None]}
 
     def window_inputs(self, features: dict, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The temporal model's inputs ``(steps [W, L-1, F], encoder_params [W, L-1, 6])`` of the windows

@@ -83,6 +83,12 @@ class TrainOptions:
         "seq_flow only: keep its patch_flow encoder fixed (stage 2 of training, after --init_weights of a "
         "patch_flow checkpoint); false trains it too",
     )
+    feature_cache: bool = option(
+        False,
+        "seq_flow with a fixed encoder only: measure every training and validation scan once with the encoder "
+        "and train on windows of those measurements (hundreds of windows a second on a CPU instead of one); "
+        "no frame augmentation then (reversed, strided or mirrored windows measure differently)",
+    )
     accumulated_loss_weight: float = option(
         0.0,
         "window_pairs=consecutive only: weight of a second loss term, the distance between the image "
@@ -301,11 +307,23 @@ class TrainOptions:
         if self.model_name == "seq_flow" and bad_offsets:
             problems.append(f"seq_offsets={offsets}: expected distinct frame distances in 1..num_samples-1 = "
                             f"1..{self.num_samples - 1}, 1 among them")
+        if self.feature_cache:
+            if self.model_name != "seq_flow" or not self.freeze_encoder:
+                problems.append(f"feature_cache=True caches what a fixed encoder measures: it needs model_name='seq_flow' "
+                                f"and freeze_encoder=True (got {self.model_name!r}, {self.freeze_encoder})")
+            augmented = {name: getattr(self, name) for name, off in (("reverse_prob", 0.0), ("max_stride", 1),
+                                                                      ("flip_prob", 0.0), ("gain_jitter", 0.0))
+                         if getattr(self, name) != off}
+            if augmented or self.sample_range != self.num_samples:
+                problems.append(f"feature_cache=True measures each scan once, as it is: no frame augmentation "
+                                f"(got {augmented}) and contiguous windows (sample_range={self.sample_range} must "
+                                f"equal num_samples={self.num_samples})")
         if self.seq_hidden < 1:
             problems.append(f"seq_hidden={self.seq_hidden}: must be positive")
         defaults = {field.name: field.default_factory() if field.default is dataclasses.MISSING else field.default
                     for field in dataclasses.fields(self)}
-        changed = [name for name in ("seq_offsets", "seq_hidden", "freeze_encoder") if getattr(self, name) != defaults[name]]
+        changed = [name for name in ("seq_offsets", "seq_hidden", "freeze_encoder", "feature_cache")
+                   if getattr(self, name) != defaults[name]]
         if changed and self.model_name != "seq_flow":
             problems.append(f"{', '.join(changed)}: options of model_name='seq_flow' only "
                             f"(got model_name={self.model_name!r})")

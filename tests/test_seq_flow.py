@@ -137,7 +137,7 @@ def test_whole_scan_features_give_each_window_exactly_its_own_inputs():
         starts = torch.tensor([0, 7, 11, num_frames - length])
         steps, encoder_params = model.window_inputs(features, starts)
         for w, start in enumerate(starts.tolist()):
-            window_steps, window_params = model.window_steps(scan[start:start + length].float().div(255)[None])
+            window_steps, window_params = model.window_steps(model.measure(scan[start:start + length].float().div(255)[None]))
             assert_close(steps[w], window_steps[0])
             assert_close(encoder_params[w], window_params[0])
 
@@ -231,6 +231,12 @@ def test_accumulated_loss_is_the_chained_corner_error_over_no_motion_s():
     (["--accumulated_loss_weight", "1"], "accumulating needs window_pairs='consecutive'"),
     (["--accumulated_loss_weight", "nan", "--window_pairs", "consecutive"], "must be a finite number >= 0"),
     (["--seq_hidden", "32"], "options of model_name='seq_flow' only"),
+    (["--model_name", "seq_flow", "--window_pairs", "consecutive", "--NUM_SAMPLES", "6", "--NUM_PRED", "5",
+      "--SAMPLE_RANGE", "6", "--LABEL_TYPE", "parameter", "--feature_cache", "true", "--flip_prob", "0.5"],
+     r"feature_cache=True measures each scan once, as it is: no frame augmentation \(got \{'flip_prob': 0.5\}\)"),
+    (["--model_name", "seq_flow", "--window_pairs", "consecutive", "--NUM_SAMPLES", "6", "--NUM_PRED", "5",
+      "--SAMPLE_RANGE", "6", "--LABEL_TYPE", "parameter", "--feature_cache", "true", "--freeze_encoder", "false"],
+     "feature_cache=True caches what a fixed encoder measures"),
     (["--model_name", "seq_flow", "--window_pairs", "consecutive", "--NUM_SAMPLES", "4", "--NUM_PRED", "3",
       "--SAMPLE_RANGE", "4", "--LABEL_TYPE", "parameter"], r"seq_offsets=\[1, 2, 4\]: expected distinct frame distances"),
 ])
@@ -264,9 +270,9 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
     args = common_args(tiny_data, out) + [
         "--model_name", "seq_flow", "--window_pairs", "consecutive", "--NUM_SAMPLES", "8", "--SAMPLE_RANGE", "8",
         "--NUM_PRED", "7", "--accumulated_loss_weight", "1", "--MINIBATCH_SIZE", "2", "--samples_per_scan", "1",
-        "--reverse_prob", "0.5", "--max_stride", "2", "--flip_prob", "0.5", "--gain_jitter", "0.1",
-        "--init_weights", str(stage1.run_dir / "last.pt"), "--name", "stage2"]
-    stage2 = train.run(args)
+        "--init_weights", str(stage1.run_dir / "last.pt")]
+    augmentation = ["--reverse_prob", "0.5", "--max_stride", "2", "--flip_prob", "0.5", "--gain_jitter", "0.1"]
+    stage2 = train.run(args + augmentation + ["--name", "stage2"])
     assert stage2.step == 2 and all(math.isfinite(loss) for loss in stage2.losses)
     checkpoint = load_checkpoint(stage2.run_dir / "last.pt")
     first = load_checkpoint(stage1.run_dir / "last.pt")["model"]
@@ -279,6 +285,12 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
     last = dict(zip(header, rows[-1].split(",")))
     assert float(last["val_window_drift"]) > 0 and float(last["val_window_drift_identity"]) > 0
     assert 0 <= float(last["val_oop_sign_acc"]) <= 1 and float(last["val_GPE"]) > 0
+
+    # the same stage 2 on cached measurements: trains, and its encoder is stage 1's too
+    cached = train.run(args + ["--feature_cache", "true", "--name", "stage2-cached"])
+    assert cached.step == 2 and all(math.isfinite(loss) for loss in cached.losses)
+    cached_model = load_checkpoint(cached.run_dir / "last.pt")["model"]
+    assert all(torch.equal(cached_model[f"encoder.{key}"], value) for key, value in first.items())
 
     # generate_DDF.py on the test fold, unchanged
     result_dir, summary = generate_DDF.main(["--ckpt", str(stage2.run_dir / "last.pt"), "--split", "test"])
@@ -319,3 +331,26 @@ def test_frame_moments_are_the_brightness_and_its_weighted_centre_and_spread():
     assert spread_y == pytest.approx(np.std(np.arange(10, 20)) / 60, rel=1e-5)
     lower = torch.roll(image, 6, dims=1)  # the echoes move 6 rows down the image
     assert frame_moments(lower)[0, 2] - frame_moments(image)[0, 2] == pytest.approx(6 / 60)
+
+
+def test_a_scan_measured_once_and_sliced_is_each_window_s_own_measurement():
+    from utils.training_data import slice_measurements
+
+    length, num_frames = 8, 20
+    model = randomised_seq_flow(length, seed=4)
+    scan = speckle_scan(num_frames, seed=5)
+    with torch.no_grad():
+        whole = model.measure_scan(scan)
+        whole = {"grids": {k: v[0] for k, v in whole["grids"].items()}, "params": whole["params"][0],
+                 "thumbnails": whole["thumbnails"][0]}
+        for start in (0, 5, num_frames - length):
+            frames = scan[start:start + length].float().div(255)[None]
+            own = model.measure(frames)
+            cut = slice_measurements(whole, start, length, num_frames)
+            for k in model.offsets:
+                assert_close(cut["grids"][k], own["grids"][k][0])
+            assert_close(cut["params"], own["params"][0])
+            assert_close(cut["thumbnails"], own["thumbnails"][0])
+            batch = {"grids": {k: v[None] for k, v in cut["grids"].items()}, "params": cut["params"][None],
+                     "thumbnails": cut["thumbnails"][None]}
+            assert_close(model(batch), model(frames))  # the network reads a cached window as its frames

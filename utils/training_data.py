@@ -714,6 +714,56 @@ class FrameWindowDataset(torch.utils.data.Dataset):
         self.close()
 
 
+def slice_measurements(measurements, start: int, length: int, num_frames: int):
+    """The part of a whole scan's measurements that a window of ``length`` frames from ``start`` holds.
+
+    ``measurements`` is a (nested) dict of tensors indexed along dim 0 by a scan of ``num_frames``
+    frames: per frame (``num_frames`` rows) or per pair (a, a + k) by its first frame (``num_frames - k``
+    rows, e.g. ``seq_flow``'s ``measure_scan``). Each tensor is cut to its window's rows, the pairs
+    inside the window only: rows ``start .. start + length - 1 - k``.
+    """
+    if isinstance(measurements, dict):
+        return {key: slice_measurements(value, start, length, num_frames) for key, value in measurements.items()}
+    lag = num_frames - len(measurements)
+    return measurements[start:start + length - lag]
+
+
+class MeasuredWindowDataset(torch.utils.data.Dataset):
+    """Windows of a network's cached measurements of whole scans, with their tracker poses.
+
+    For a network whose first stage is fixed (``seq_flow`` with a frozen encoder), what it measures of
+    a window's frames is the same at every epoch: measured once per scan (``measure_scan``), a window
+    is a slice (``slice_measurements``), and a training step costs only the learned part (hundreds of
+    windows a second on a CPU instead of one). Item ``(scan_index, draw_seed)`` draws a start uniform
+    in ``0..N - num_samples`` with ``np.random.default_rng(draw_seed)`` and returns
+    ``(measurements of the window, tforms float64 [num_samples, 4, 4], scan_index)``, as
+    ``FrameWindowDataset`` returns frames. No augmentation: reversed, strided or mirrored windows
+    measure differently (the encoder's patches are chosen in the second frame of a pair, and mirrored
+    frames choose others), so they would need measuring too.
+    """
+
+    def __init__(self, measurements: list, poses: list, num_samples: int):
+        if not measurements or len(measurements) != len(poses):
+            raise InputError(f"MeasuredWindowDataset: {len(measurements)} measured scans for {len(poses)} pose arrays")
+        self.measurements = list(measurements)
+        self.poses = [np.asarray(tforms, dtype=np.float64) for tforms in poses]
+        self.num_samples = int(num_samples)
+        short = [k for k, tforms in enumerate(self.poses) if len(tforms) < self.num_samples]
+        if short:
+            raise InputError(f"scans {short} have fewer frames than num_samples={self.num_samples}")
+
+    def __len__(self) -> int:
+        return len(self.measurements)
+
+    def __getitem__(self, key):
+        scan_index, draw_seed = (int(k) for k in key) if isinstance(key, tuple) else (int(key), int(key))
+        num_frames = len(self.poses[scan_index])
+        start = int(np.random.default_rng(draw_seed).integers(0, num_frames - self.num_samples + 1))
+        window = slice_measurements(self.measurements[scan_index], start, self.num_samples, num_frames)
+        tforms = torch.from_numpy(self.poses[scan_index][start:start + self.num_samples].copy())
+        return window, tforms, scan_index
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Items ``(scan_index, draw_seed)`` for ``FrameWindowDataset``: one epoch's list, one rank's share.
 
