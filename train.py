@@ -1162,7 +1162,7 @@ def build_network(options: TrainOptions, geometry: PairGeometry, data: RunData, 
                       patch_selection=options.patch_selection, robust_iterations=options.robust_iterations)
     if options.model_name == "seq_flow":
         kwargs.update(offsets=list(options.seq_offsets), hidden=options.seq_hidden,
-                      freeze_encoder=options.freeze_encoder)
+                      appearance_dim=options.seq_appearance_dim, freeze_encoder=options.freeze_encoder)
     model_args = models.model_args(options.model_name, options.num_samples, geometry.pred_dim(), **kwargs)
     model = models.build_from_args(model_args).to(device)
     if hasattr(model, "set_label_statistics"):

@@ -123,7 +123,7 @@ class SeqFlowNet(nn.Module):
         offsets: frame distances k of the pairs (i, i+k) whose decorrelation is measured; 1 must be
             among them (it gives the in-plane motion).
         hidden: width of the GRU (per direction) and of its input projection.
-        appearance_dim: size of each frame's appearance vector.
+        appearance_dim: size of each frame's learned appearance vector; 0 = none (the brightness moments only).
         freeze_encoder: keep the encoder's weights fixed (no gradient, always in eval mode: its
             patch grid is not jittered), as stage 2 of training wants; False trains it too.
     """
@@ -144,7 +144,9 @@ class SeqFlowNet(nn.Module):
                                     robust_iterations=robust_iterations, patch_selection=patch_selection)
         if self.freeze_encoder:
             self.encoder.requires_grad_(False)
-        self.appearance = AppearanceEncoder(appearance_dim)
+        # appearance_dim 0: the brightness moments alone (a learned encoder of 16 training scans' thumbnails
+        # memorises them: issue 12's cached run got worse on validation from its second epoch).
+        self.appearance = AppearanceEncoder(appearance_dim) if appearance_dim > 0 else None
         step_features = 3 + len(offsets) * (GRID * GRID + 1) + 2 * (MOMENTS + appearance_dim)
         self.project = nn.Sequential(nn.Linear(step_features, hidden), nn.GELU())
         self.temporal = nn.GRU(hidden, hidden, num_layers=2, batch_first=True, bidirectional=True)
@@ -198,7 +200,8 @@ class SeqFlowNet(nn.Module):
     def _looks(self, thumbnails: torch.Tensor) -> torch.Tensor:
         """[n, 60, 80] thumbnails -> [n, MOMENTS + appearance_dim]: ``frame_moments`` and the learned
         appearance vector."""
-        return torch.cat([frame_moments(thumbnails), self.appearance(thumbnails)], dim=1)
+        moments = frame_moments(thumbnails)
+        return moments if self.appearance is None else torch.cat([moments, self.appearance(thumbnails)], dim=1)
 
     def _assemble(self, features: dict, starts: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The temporal model's inputs for windows of ``length`` frames of measured sequences.

@@ -78,6 +78,9 @@ class TrainOptions:
         "(1 must be among them: it also gives the in-plane motion)",
     )
     seq_hidden: int = option(64, "seq_flow only: width of its GRU (per direction)")
+    seq_appearance_dim: int = option(
+        32, "seq_flow only: size of the learned appearance vector of each frame's thumbnail; 0 = none, only "
+            "the frames' brightness moments (where the echoes are)")
     freeze_encoder: bool = option(
         True,
         "seq_flow only: keep its patch_flow encoder fixed (stage 2 of training, after --init_weights of a "
@@ -320,9 +323,11 @@ class TrainOptions:
                                 f"equal num_samples={self.num_samples})")
         if self.seq_hidden < 1:
             problems.append(f"seq_hidden={self.seq_hidden}: must be positive")
+        if self.seq_appearance_dim < 0:
+            problems.append(f"seq_appearance_dim={self.seq_appearance_dim}: must be >= 0 (0 = moments only)")
         defaults = {field.name: field.default_factory() if field.default is dataclasses.MISSING else field.default
                     for field in dataclasses.fields(self)}
-        changed = [name for name in ("seq_offsets", "seq_hidden", "freeze_encoder", "feature_cache")
+        changed = [name for name in ("seq_offsets", "seq_hidden", "seq_appearance_dim", "freeze_encoder", "feature_cache")
                    if getattr(self, name) != defaults[name]]
         if changed and self.model_name != "seq_flow":
             problems.append(f"{', '.join(changed)}: options of model_name='seq_flow' only "

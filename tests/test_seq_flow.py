@@ -354,3 +354,15 @@ def test_a_scan_measured_once_and_sliced_is_each_window_s_own_measurement():
             batch = {"grids": {k: v[None] for k, v in cut["grids"].items()}, "params": cut["params"][None],
                      "thumbnails": cut["thumbnails"][None]}
             assert_close(model(batch), model(frames))  # the network reads a cached window as its frames
+
+
+def test_without_a_learned_appearance_the_moments_alone_are_read():
+    model = models.build_model("seq_flow", 6, 30, appearance_dim=0, **SMALL).eval()
+    assert model.appearance is None
+    assert not any(name.startswith("appearance") for name, _ in model.named_parameters())
+    frames = speckle_scan(6).float().div(255)[None]
+    with torch.no_grad():
+        steps, _ = model.window_steps(model.measure(frames))
+    # 3 in-plane values, 10 grid values per offset, then change and mean of the 4 moments
+    assert steps.shape == (1, 5, 3 + 10 * len(model.offsets) + 2 * 4)
+    assert torch.isfinite(model(frames)).all()
