@@ -18,9 +18,10 @@ moves along a tapering arm. So, per window of ``num_frames`` consecutive frames:
    keeps a graph.
 2. **Appearance**: every frame reduced to a fixed 60 x 80 thumbnail (area averaging, any frame size),
    summarised by its brightness moments (``frame_moments``: where the echoes are, whose drift up or
-   down the image tells which way a fan tilts along the tapering arm) and encoded by a small CNN into
-   a vector that keeps where things are (the arm's outline, bones, vessels): the change of anatomy
-   between frames is the only cue of direction the images carry.
+   down the image tells which way a fan tilts along the tapering arm) and, unless ``appearance_dim``
+   is 0, encoded by a small CNN into a vector that keeps where things are (the arm's outline, bones,
+   vessels): the change of anatomy between frames is the only cue of direction the images carry.
+   (On 16 training scans that CNN memorised them; issue 12's note and the README give the figures.)
 3. **A temporal model** over the window's steps (step i = the transition from frame i-1 to frame i):
    a 2-layer bidirectional GRU, so each step sees the whole window before and after it.
 4. **The output**: per step, the encoder's in-plane motion plus a learned correction, and the
@@ -28,6 +29,10 @@ moves along a tapering arm. So, per window of ``num_frames`` consecutive frames:
    by each DOF's spread over the training labels, ``set_label_statistics``): untrained, the model
    predicts exactly what its encoder does, and out-of-plane motion only as far as training finds
    its direction.
+
+A stage-2 run with the encoder fixed can measure each scan once (``measure_scan``) and train on
+windows sliced from it (``utils.training_data.MeasuredWindowDataset``): ``forward`` takes a window's
+frames or its ``measure`` dict alike.
 
 Input [B, num_frames, H, W] frames in [0, 1]; output [B, (num_frames - 1) * 6]: the ``parameter``
 prediction of ``T_{i-1<-i}`` for i = 1..num_frames-1 (``utils.transform.consecutive_pairs`` order,
@@ -56,10 +61,11 @@ def frame_moments(thumbnails: torch.Tensor) -> torch.Tensor:
     (x, y, relative to the image, -0.5..0.5) and vertical spread of each frame.
 
     Why: the arm tapers and its bones rise towards the wrist, so when the plane tilts one way its echoes
-    move up the image and the other way down. On the simulated tusrec2025 training scans the change of
-    the centre's row from frame to frame correlates with the signed fan (a_X) at -0.19 on average over
-    8 transverse scans (7 of them negative; near 0 in longitudinal ones): a weak cue per pair that a
-    window of frames can add up, and one a small CNN would have to discover first.
+    move up the image and the other way down. On the 8 transverse scans among the first 12 of the
+    README's ``data/sim2025_train`` (tusrec2025 preset) the change of the centre's row from frame to
+    frame correlates with the signed fan (a_X) at -0.19 on average (7 of 8 negative; near 0 on the
+    longitudinal ones): a weak cue per pair that a window of frames can add up, and one a small CNN
+    would have to discover first.
     """
     height, width = thumbnails.shape[-2:]
     rows = (torch.arange(height, dtype=thumbnails.dtype, device=thumbnails.device) + 0.5) / height - 0.5

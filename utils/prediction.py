@@ -291,13 +291,7 @@ def predict_scan_transforms(
                                       amp_dtype=amp_dtype, progress=progress)
     pairs = window_pairs_of(window_pairs, num_samples, num_pred)
     num_pairs = len(pairs)
-    reference_points = None
-    num_points = 4
-    if pred_type == "point":
-        if image_points_mm is None:
-            raise InputError("pred_type='point' needs image_points_mm, the [4, P] reference points in image mm")
-        reference_points = torch.as_tensor(image_points_mm).to(device="cpu", dtype=torch.float64)
-        num_points = reference_points.shape[-1]
+    reference_points, num_points = _reference_points(pred_type, image_points_mm)
     values_per_pair = type_dim(pred_type, num_points, 1)
     width = num_pairs * values_per_pair
 
@@ -348,10 +342,7 @@ def predict_scan_transforms(
         )
 
     values = outputs.reshape(num_windows, num_pairs, values_per_pair)[plan.window, plan.pair]  # [N-1, D]
-    if pred_type == "point":
-        edges = points_to_matrix(values.reshape(len(values), 3, num_points), reference_points)
-    else:
-        edges = prediction_to_matrix(values, pred_type)
+    edges = _values_to_edges(values, pred_type, reference_points, num_points)
     # A free `transform` prediction is not orthonormal: only a general inverse undoes it.
     invert = torch.linalg.inv if pred_type == "transform" else invert_rigid
     if bool(plan.inverted.any()):
@@ -365,15 +356,30 @@ def predict_scan_transforms(
     direct_local = (plan.parent == frame - 1) & ~plan.inverted
     local_tforms = torch.where(direct_local[:, None, None], edges, local_tforms)
 
+    _check_finite_transforms(global_tforms, local_tforms)
+    return global_tforms, local_tforms
+
+
+def _reference_points(pred_type: str, image_points_mm) -> tuple[torch.Tensor | None, int]:
+    """``(reference points float64 [4, P] on the CPU or None, P)``: what a ``point`` prediction moves."""
+    if pred_type != "point":
+        return None, 4
+    if image_points_mm is None:
+        raise InputError("pred_type='point' needs image_points_mm, the [4, P] reference points in image mm")
+    reference_points = torch.as_tensor(image_points_mm).to(device="cpu", dtype=torch.float64)
+    return reference_points, reference_points.shape[-1]
+
+
+def _check_finite_transforms(global_tforms: torch.Tensor, local_tforms: torch.Tensor) -> None:
     finite = torch.isfinite(global_tforms).flatten(1).all(dim=1) & torch.isfinite(local_tforms).flatten(1).all(dim=1)
     if not bool(finite.all()):
         first_bad = int(torch.nonzero(~finite)[0, 0]) + 1
         raise InputError(f"the predicted transform of frame {first_bad} is not finite (e.g. a zero quaternion or "
                          f"a singular 'transform' prediction)")
-    return global_tforms, local_tforms
 
 
 def _values_to_edges(values: torch.Tensor, pred_type: str, reference_points, num_points: int) -> torch.Tensor:
+    """Per-pair prediction values [M, D] -> [M, 4, 4] transforms."""
     if pred_type == "point":
         return points_to_matrix(values.reshape(len(values), 3, num_points), reference_points)
     return prediction_to_matrix(values, pred_type)
@@ -390,12 +396,7 @@ def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, i
     whole windows of frames, ``batch_size`` at a time.
     """
     window_pairs_of("consecutive", num_samples, num_pred)  # validates num_pred
-    reference_points, num_points = None, 4
-    if pred_type == "point":
-        if image_points_mm is None:
-            raise InputError("pred_type='point' needs image_points_mm, the [4, P] reference points in image mm")
-        reference_points = torch.as_tensor(image_points_mm).to(device="cpu", dtype=torch.float64)
-        num_points = reference_points.shape[-1]
+    reference_points, num_points = _reference_points(pred_type, image_points_mm)
     values_per_pair = type_dim(pred_type, num_points, 1)
     steps = num_samples - 1
     scan = _frames_on(frames, device)
@@ -438,9 +439,5 @@ def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, i
                          f"{start + num_samples - 1}); {int((~finite).sum())} of {len(values)} steps affected")
     local_tforms = _values_to_edges(values, pred_type, reference_points, num_points)
     global_tforms = chain_local_transforms(local_tforms)
-    finite = torch.isfinite(global_tforms).flatten(1).all(dim=1) & torch.isfinite(local_tforms).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        first_bad = int(torch.nonzero(~finite)[0, 0]) + 1
-        raise InputError(f"the predicted transform of frame {first_bad} is not finite (e.g. a zero quaternion or "
-                         f"a singular 'transform' prediction)")
+    _check_finite_transforms(global_tforms, local_tforms)
     return global_tforms, local_tforms
