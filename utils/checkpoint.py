@@ -286,8 +286,9 @@ def load_model_weights(model: torch.nn.Module, path, map_location="cpu") -> torc
 
     Accepts our checkpoints (their ``"model"``) and bare state dicts such as the TUS-REC baseline's
     released ``model_weights`` files; the weights of a model's ``encoder`` alone (a ``patch_flow``
-    checkpoint for a ``seq_flow``) load into that encoder, the rest keeping its initialisation; a ``module.`` (DataParallel/DDP) or ``_orig_mod.`` prefix is
-    stripped, and ``model`` may itself be wrapped. Loads with ``strict=True``; on a mismatch raises
+    checkpoint for a ``seq_flow``) load into that encoder, the rest keeping its initialisation. A
+    ``module.`` (DataParallel/DDP) or ``_orig_mod.`` prefix is stripped, and ``model`` may itself be
+    wrapped. Loads with ``strict=True``; on a mismatch raises
     ValueError naming the file and the first missing keys, unexpected keys and shape mismatches.
     Returns ``model``.
     """
