@@ -763,15 +763,19 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
     if distributed.is_main and checkpoint is not None:
         # Rows of epochs after the checkpoint come from the run that died: they are trained again.
         keep_metrics_rows_until(run_dir / "metrics.csv", checkpoint["epoch"])
+    # Frame loaders before the network, as ever (the order fixes what a seed gives); cached measurements
+    # need the network's encoder first.
+    loaders = None if options.feature_cache else make_loaders(options, data, device, distributed)
     geometry = make_geometry(options, data, device)
     label_stats = checkpoint["label_stats"] if checkpoint is not None and "label_stats" in checkpoint \
         else training_label_statistics(data, geometry, options)
     if options.label_norm or options.loss_dofs != "all":
         geometry.loss_weights = label_loss_weights(label_stats, options).to(device)
     model, model_args = build_network(options, geometry, data, label_stats, namespace.init_weights, checkpoint, device)
-    if checkpoint is not None and options.feature_cache:  # measured with the run's own (fixed) encoder
-        load_model_state(model, checkpoint["model"], f"checkpoint {namespace.resume}")
-    loaders = make_loaders(options, data, device, distributed, model)
+    if options.feature_cache:
+        if checkpoint is not None:  # measured with the run's own (fixed) encoder
+            load_model_state(model, checkpoint["model"], f"checkpoint {namespace.resume}")
+        loaders = make_measured_loaders(options, data, device, distributed, model)
     optimizer = make_optimizer(model, options)
     steps_per_epoch = math.ceil(len(loaders.train_sampler) / options.minibatch_size)
     total_steps = options.max_steps or (steps_per_epoch * options.num_epochs if options.num_epochs < 10**7 else None)
@@ -1033,10 +1037,7 @@ def _to_cpu_rows(measured):
     return measured[0].cpu()
 
 
-def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed,
-                 model=None) -> Loaders:
-    if options.feature_cache:
-        return make_measured_loaders(options, data, device, distributed, model)
+def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed) -> Loaders:
     # Mirrored in the original pixels' mm: the frames handed out are data.width // downsample wide.
     mirror = Mirror.for_frames(data.calibration, data.width // options.downsample, options.downsample)
     train_set = FrameWindowDataset(data.train_scans, options.num_samples, options.sample_range,

@@ -23,19 +23,21 @@ from simulation.dataset import generate_dataset
 # platforms, not for a model that stops learning). Measured with the current fast_cpu design (speckle
 # patch selection, +-12 px, 3 robust passes, L1 loss), whose untrained block matching is already within
 # a few hundredths of a millimetre of the true in-plane motion: LPE 0.90 and 0.75 of no motion's on
-# the two held-out scans; training loss 0.0753 -> 0.0652 from the first to the last epoch (0.87; the
-# same run with a learning rate of 1e-9, i.e. weights that do not change: 0.0762 -> 0.0770, 1.01);
+# the two held-out scans; training loss 0.0753 -> 0.0652 from the first to the last epoch (0.87; on
+# issue 12's machine 0.0753 -> 0.0687, 0.91, with 2 threads, and below 0.90 with 1: the order of
+# floating-point sums changes the trajectory; the same run with a learning rate of 1e-9, i.e. weights
+# that do not change: 0.0762 -> 0.0770, 1.01);
 # best validation loss 0.98 of the untrained network's (1.00 for the frozen run). At this scale (3
 # training subjects, 108 steps, 32 validation pairs) the refinement cannot show more than that on
 # validation; `make demo` (240 steps, validation loss 0.38 of the untrained's) and cpu_hour (0.62) do.
 # - the held-out subject's local pixel error at most 95 % of no motion's, and every one of GPE, GLE,
 #   LPE, LLE below no motion's;
-# - the training loss of the last epoch at most 90 % of the first's (a network whose weights stop
+# - the training loss of the last epoch at most 95 % of the first's (a network whose weights stop
 #   changing stays at ~100 %, one trained on scrambled labels does not fall);
 # - the best validation loss below the untrained network's (a network that never changes is equal,
 #   one that training only harms is above).
 LPE_RATIO_MAX = 0.95
-TRAIN_LOSS_RATIO_MAX = 0.90
+TRAIN_LOSS_RATIO_MAX = 0.95
 VAL_LOSS_RATIO_MAX = 1.0
 
 
