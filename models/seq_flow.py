@@ -151,7 +151,7 @@ class SeqFlowNet(nn.Module):
         if self.freeze_encoder:
             self.encoder.requires_grad_(False)
         # appearance_dim 0: the brightness moments alone (a learned encoder of 16 training scans' thumbnails
-        # memorises them: issue 12's cached run got worse on validation from its second epoch).
+        # memorises them: issue 12's cached run got worse on validation from its fifth epoch).
         self.appearance = AppearanceEncoder(appearance_dim) if appearance_dim > 0 else None
         step_features = 3 + len(offsets) * (GRID * GRID + 1) + 2 * (MOMENTS + appearance_dim)
         self.project = nn.Sequential(nn.Linear(step_features, hidden), nn.GELU())
