@@ -9,9 +9,9 @@ Examples::
 
 Presets (``simulation.dataset.PRESETS``): ``tusrec2025`` (2 rotation scans per subject, 1500 frames,
 480x640, 100 landmarks), ``tusrec2024`` (24 sweeps per subject, 20 landmarks), ``demo`` (6 subjects x
-2 scans x 200 frames) and ``tiny`` (tests). ``--subjects``, ``--frames``, ``--height``/``--width`` and
-``--protocol`` override the preset. The output folder must be empty or absent unless ``--overwrite``,
-which first removes the dataset files a previous run wrote there (and nothing else).
+2 scans x 200 frames) and ``tiny`` (tests). ``--subjects``, ``--frames``, ``--height``/``--width``,
+``--protocol`` and ``--habit`` override the preset. The output folder must be empty or absent unless
+``--overwrite``, which first removes the dataset files a previous run wrote there (and nothing else).
 """
 
 from __future__ import annotations
@@ -49,6 +49,16 @@ def _bounded_int(low: int, high: int | None = None):
     return parse
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: expected a probability in [0, 1]")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from simulation.dataset import PRESETS, PROTOCOLS
     from utils.challenge_data import LAYOUTS
@@ -67,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=_bounded_int(16, 4096), default=None, help="frame columns (pixel size scaled)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="rotation (2025 LH/RH_rotation) or sweeps (2024's 24 scans)")
+    parser.add_argument("--habit", type=_probability, default=None,
+                        help="rotation scans: probability that each fan, rock and turn goes the sonographer's "
+                             "habitual way (0.5: no habit, the preset's default; README, direction cues)")
     parser.add_argument("--workers", type=_bounded_int(1, 256), default=min(2, os.cpu_count() or 1),
                         help="render processes (one thread each)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -107,7 +120,7 @@ def main(argv=None) -> int:
     else:
         try:
             preset = get_preset(args.preset, subjects=args.subjects, frames=args.frames, height=args.height,
-                                width=args.width, protocol=args.protocol)
+                                width=args.width, protocol=args.protocol, habit=args.habit)
         except ValueError as error:
             parser.error(str(error))
         _check_output(parser, args.out, args.overwrite)
@@ -117,7 +130,7 @@ def main(argv=None) -> int:
         try:
             refs = generate_dataset(args.out, args.preset, seed=args.seed, layout=args.layout, workers=args.workers,
                                     progress=sys.stderr.isatty(), subjects=args.subjects, frames=args.frames,
-                                    height=args.height, width=args.width, protocol=args.protocol)
+                                    height=args.height, width=args.width, protocol=args.protocol, habit=args.habit)
         except ValueError as error:  # e.g. a sweep that cannot fit the drawn arm; files written so far stay
             parser.exit(1, f"{parser.prog}: error: {error}\n")
         logger.info("wrote %d scan(s) to %s", len(refs), args.out)

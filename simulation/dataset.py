@@ -76,7 +76,7 @@ SIDE_FOLDER = "simulation"
 REFERENCE_SIZE = (480, 640)  # (H, W) of the real frames, which the calibration's pixel size is for
 
 # Seed-sequence purposes: fixed integers so adding a purpose never changes the others' draws.
-_PHANTOM, _SCATTERERS, _TRAJECTORY, _NOISE, _LANDMARKS, _CAMERA = range(6)
+_PHANTOM, _SCATTERERS, _TRAJECTORY, _NOISE, _LANDMARKS, _CAMERA, _HABIT = range(7)
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,10 @@ class Preset:
     num_samples: int = 600  # range samples of the probe's grid
     density: float = 10.0  # scatterers per mm^3 (SIMULATOR.md: 10 by default)
     medium_spacing: float = 0.5  # mm, voxel of the attenuation volume (bone shadows' edges)
+    # Rotation scans: probability that each fan, rock and turn goes the sonographer's habitual way;
+    # 0.5, no habit: the challenge publishes the order of the moves, not their directions
+    # (README, "Simulated data": direction cues).
+    habit: float = sim_trajectory.HABIT_NONE
     reason: str = ""
 
     def validate(self) -> Preset:
@@ -109,6 +113,9 @@ class Preset:
                 raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
         if not self.medium_spacing > 0:
             raise ValueError(f"medium_spacing={self.medium_spacing!r}: expected a positive voxel size in mm")
+        if not (isinstance(self.habit, (int, float, np.floating)) and not isinstance(self.habit, bool)
+                and 0.0 <= self.habit <= 1.0):
+            raise ValueError(f"habit={self.habit!r}: expected a probability in [0, 1] (0.5: no habit)")
         if not self.density > 0:
             raise ValueError(f"density={self.density!r}: expected a positive number of scatterers per mm^3")
         if self.frames is None and self.protocol == "rotation":
@@ -387,12 +394,14 @@ def side_file_path(root, subject: int, scan_name: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def make_trajectory(rng, phantom, geometry, preset: Preset, scan_name: str):
-    """The trajectory of one scan (rotation or the sweep its name encodes)."""
+def make_trajectory(rng, phantom, geometry, preset: Preset, scan_name: str, habit_rng=None):
+    """The trajectory of one scan (rotation or the sweep its name encodes); ``habit_rng`` draws the
+    rotation protocol's habitual directions (needed when ``preset.habit`` is not 0.5)."""
     x_range = _arm_x_range(phantom)
     if preset.protocol == "rotation":
         start_x = tuple(x_range[0] + np.asarray(sim_trajectory.ROTATION_START_X_MM))  # proximal forearm
-        return sim_trajectory.rotation_protocol(rng, phantom.skin_surface, geometry, preset.frames, start_x_mm=start_x)
+        return sim_trajectory.rotation_protocol(rng, phantom.skin_surface, geometry, preset.frames, start_x_mm=start_x,
+                                                habit=float(preset.habit), habit_rng=habit_rng)
     return sim_trajectory.sweep_protocol(rng, phantom.skin_surface, geometry, scan_name, preset.frames, arm_x_mm=x_range,
                                          half_width_mm=_half_width(phantom))
 
@@ -459,7 +468,8 @@ def generate_dataset(root, preset: str | Preset = "tiny", seed: int = 0, layout:
                 # then the arm's own asymmetry, so left and right arms of a subject stay alike.
                 phantom = phantom_factory(_rng(seed, subject, _PHANTOM), side)
                 scan_ids = [scan_names.index(n) for n in names]
-                trajectories = [make_trajectory(_rng(seed, subject, _TRAJECTORY, i), phantom, geometry, preset, n)
+                trajectories = [make_trajectory(_rng(seed, subject, _TRAJECTORY, i), phantom, geometry, preset, n,
+                                                habit_rng=_rng(seed, subject, _HABIT, i))
                                 for i, n in zip(scan_ids, names)]
                 if bar is not None:
                     bar.total += sum(len(t) for t in trajectories)

@@ -56,6 +56,13 @@ ROCK_HALF_CYCLE_S = (1.0, 2.0)
 ROTATE_DEG = (80.0, 100.0)
 ROTATE_S = (1.5, 3.0)
 PAUSE_S = (0.3, 1.0)
+# A sonographer's habit: the direction each fan and each rock starts in, and the sense of the quarter
+# turn, in the probe's own frame (one hand holds the probe the same way on every scan). The challenge
+# fixes the order of the moves (fan, rock, rotate ~90 degrees, fan, rock; TUS-REC 2025 data page) but
+# not their directions, so by default (HABIT_NONE) every direction is drawn at random; ``habit`` is
+# the probability that a move goes the habitual way (README, "Simulated data": direction cues).
+HABITUAL_SIGN = {"fan": 1.0, "rock": 1.0, "rotate": 1.0}
+HABIT_NONE = 0.5
 SWEEP_LENGTH_MM = (100.0, 180.0)
 SWEEP_SPEED_MM_S = (5.0, 15.0)
 SWEEP_SPEED_MODULATION = 0.3
@@ -325,13 +332,31 @@ def _assemble(geometry, skin_surface, xy, rotation, indentation, meta):
 # --------------------------------------------------------------------------------------------
 
 
-def _swing_block(rng, knots, channel, amplitude, half_cycle, cycles, half_cycle_bounds=None):
+def _direction(rng, move: str, habit: float, habit_rng) -> float:
+    """+1 or -1: the way a fan, rock or rotation (``move``) goes.
+
+    The draw from ``rng`` is made whatever the habit, so a habit changes the directions of a
+    trajectory and nothing else (same amplitudes, timings, drift and tremor); with a habit other
+    than ``HABIT_NONE`` the direction is the habitual one with probability ``habit``, decided by
+    ``habit_rng``.
+    """
+    sign = float(rng.choice([-1.0, 1.0]))
+    if habit == HABIT_NONE:
+        return sign
+    if habit_rng is None:
+        raise ValueError(f"habit={habit} needs a habit_rng for its draws")
+    habitual = HABITUAL_SIGN[move]
+    return habitual if habit_rng.random() < habit else -habitual
+
+
+def _swing_block(rng, knots, channel, amplitude, half_cycle, cycles, half_cycle_bounds=None, sign=None):
     """Append minimum-jerk swings 0 -> +-A -> -+A ... -> 0 on ``channel`` to ``knots`` (time, [3] values).
 
     Each full swing lasts ``half_cycle`` with +-5 % jitter, clipped to ``half_cycle_bounds`` (s) when
     given; the first and last moves cover half a swing in half the time, at the same peak speed.
+    ``sign`` is the first swing's direction (drawn at random when None).
     """
-    sign = rng.choice([-1.0, 1.0])
+    sign = rng.choice([-1.0, 1.0]) if sign is None else sign
     t, values = knots[-1]
     targets = [sign * amplitude]
     for _ in range(2 * cycles - 1):
@@ -354,15 +379,18 @@ def _pause(rng, knots):
     knots.append((t + rng.uniform(*PAUSE_S), values.copy()))
 
 
-def rotation_schedule(rng: np.random.Generator, duration_s: float):
+def rotation_schedule(rng: np.random.Generator, duration_s: float, habit: float = HABIT_NONE, habit_rng=None):
     """Knots ``[(time s, [fan, rock, spin] deg)]`` of the rotation protocol lasting at least ``duration_s``.
 
     Fan (about the lateral axis): +-15-30 degrees, 2-4 cycles, half-cycles 1.2-2.5 s with the peak
     speed (1.875 x swing / half-cycle for a minimum-jerk move) kept in 20-60 degrees/s; rock (about the
     elevational axis): +-8-20 degrees, 1-2 s half-cycles; rotate 80-100 degrees about the probe axis
     over 1.5-3 s; pauses of 0.3-1 s between the moves. After fan, rock, rotate, fan, rock, further
-    fan/rock blocks follow until the scan is long enough.
+    fan/rock blocks follow until the scan is long enough. ``habit``: the probability that each fan,
+    rock and rotation goes the habitual way (``HABITUAL_SIGN``), drawn with ``habit_rng``.
     """
+    if not 0.0 <= habit <= 1.0:
+        raise ValueError(f"habit={habit!r}: expected a probability in [0, 1] ({HABIT_NONE}: no habit)")
     knots = [(0.0, np.zeros(3))]
 
     def fan():
@@ -370,16 +398,18 @@ def rotation_schedule(rng: np.random.Generator, duration_s: float):
         # Half-cycle such that the peak speed 1.875 * 2A / T stays within FAN_PEAK_DEG_S.
         low = max(FAN_HALF_CYCLE_S[0], 1.875 * 2 * amplitude / FAN_PEAK_DEG_S[1])
         high = min(FAN_HALF_CYCLE_S[1], 1.875 * 2 * amplitude / FAN_PEAK_DEG_S[0])
-        _swing_block(rng, knots, 0, amplitude, rng.uniform(low, high), int(rng.integers(FAN_CYCLES[0], FAN_CYCLES[1] + 1)),
-                     half_cycle_bounds=(low, high))
+        half_cycle, cycles = rng.uniform(low, high), int(rng.integers(FAN_CYCLES[0], FAN_CYCLES[1] + 1))
+        _swing_block(rng, knots, 0, amplitude, half_cycle, cycles, half_cycle_bounds=(low, high),
+                     sign=_direction(rng, "fan", habit, habit_rng))
 
     def rock():
-        _swing_block(rng, knots, 1, rng.uniform(*ROCK_DEG), rng.uniform(*ROCK_HALF_CYCLE_S), int(rng.integers(1, 4)))
+        amplitude, half_cycle, cycles = rng.uniform(*ROCK_DEG), rng.uniform(*ROCK_HALF_CYCLE_S), int(rng.integers(1, 4))
+        _swing_block(rng, knots, 1, amplitude, half_cycle, cycles, sign=_direction(rng, "rock", habit, habit_rng))
 
     def rotate():
         t, values = knots[-1]
         values = values.copy()
-        values[2] += rng.choice([-1.0, 1.0]) * rng.uniform(*ROTATE_DEG)
+        values[2] += _direction(rng, "rotate", habit, habit_rng) * rng.uniform(*ROTATE_DEG)
         knots.append((t + rng.uniform(*ROTATE_S), values))
 
     _pause(rng, knots)
@@ -394,7 +424,7 @@ def rotation_schedule(rng: np.random.Generator, duration_s: float):
 
 def rotation_protocol(rng: np.random.Generator, skin_surface, geometry, num_frames: int = 1500,
                       start_x_mm: tuple = ROTATION_START_X_MM, start_y_mm: tuple = (-8.0, 8.0),
-                      fps: float = FPS) -> Trajectory:
+                      fps: float = FPS, habit: float = HABIT_NONE, habit_rng=None) -> Trajectory:
     """A 2025 rotation scan: fan, rock, rotate 80-100 degrees, fan, rock, about one contact point.
 
     Args:
@@ -405,6 +435,7 @@ def rotation_protocol(rng: np.random.Generator, skin_surface, geometry, num_fram
         start_x_mm, start_y_mm: ranges of the contact point along the arm and across it; the default
             ``ROTATION_START_X_MM`` is the proximal forearm, as close to the elbow (X = 0) as keeps
             the phantom's end out of the sector.
+        habit, habit_rng: the sonographer's habit (``rotation_schedule``); the default has none.
     Returns:
         ``Trajectory``; ``meta`` holds ``fan_deg``, ``rock_deg``, ``spin_deg`` [N] (the protocol
         without drift and tremor) and the drawn settings.
@@ -413,7 +444,7 @@ def rotation_protocol(rng: np.random.Generator, skin_surface, geometry, num_fram
         raise ValueError(f"num_frames={num_frames} must be >= 2")
     times = np.arange(num_frames) / fps
     plane = "transverse" if rng.random() < 0.5 else "longitudinal"
-    knots = rotation_schedule(rng, times[-1])
+    knots = rotation_schedule(rng, times[-1], habit, habit_rng)
     channels = minimum_jerk(times, [k[0] for k in knots], np.stack([k[1] for k in knots]))
     x0, y0 = rng.uniform(*start_x_mm), rng.uniform(*start_y_mm)
     base_indentation = rng.uniform(0.5, 2.5)
@@ -430,7 +461,7 @@ def rotation_protocol(rng: np.random.Generator, skin_surface, geometry, num_fram
                 * Rotation.from_euler("y", angles[:, 1:2]) * Rotation.from_euler("xyz", np.radians(offset_deg)))
     xy = np.array([x0, y0]) + offset_mm[:, :2]
     indentation = np.clip(base_indentation + offset_mm[:, 2], *INDENTATION_MM)
-    meta = {"protocol": "rotation", "plane": plane, "start_xy_mm": [x0, y0], "fan_deg": channels[:, 0],
+    meta = {"protocol": "rotation", "plane": plane, "start_xy_mm": [x0, y0], "habit": habit, "fan_deg": channels[:, 0],
             "rock_deg": channels[:, 1], "spin_deg": channels[:, 2], **settings}
     return _assemble(geometry, skin_surface, xy, rotation.as_matrix(), indentation, meta)
 

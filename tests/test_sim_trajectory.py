@@ -138,6 +138,59 @@ def test_rotation_protocol_deterministic_and_short(phantom, geometry):
         T.rotation_protocol(np.random.default_rng(7), phantom.skin_surface, geometry, 1)
 
 
+def first_moves(channel: np.ndarray) -> np.ndarray:
+    """Signs of the first movement of each swing block: where a channel at exactly 0 (between blocks)
+    starts to move."""
+    starts = np.flatnonzero((channel[:-1] == 0.0) & (channel[1:] != 0.0))
+    return np.sign(channel[starts + 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_habit_sets_the_directions_and_nothing_else(seed, phantom, geometry):
+    free = T.rotation_protocol(np.random.default_rng(seed), phantom.skin_surface, geometry, 1500)
+    for habit, expected in ((1.0, 1.0), (0.0, -1.0)):
+        traj = T.rotation_protocol(np.random.default_rng(seed), phantom.skin_surface, geometry, 1500,
+                                   habit=habit, habit_rng=np.random.default_rng(100 + seed))
+        fan, rock, spin = traj.meta["fan_deg"], traj.meta["rock_deg"], traj.meta["spin_deg"]
+        moves = np.concatenate([first_moves(fan), first_moves(rock)])
+        assert len(moves) >= 4 and np.all(moves == expected)  # fan, rock, (turn), fan, rock at least
+        assert np.sign(spin[-1]) == expected
+        # The same amplitudes, timings, contact wander and indentation as without a habit.
+        for key in ("fan_deg", "rock_deg", "spin_deg"):
+            np.testing.assert_array_equal(np.abs(traj.meta[key]), np.abs(free.meta[key]))
+        np.testing.assert_array_equal(traj.skin_points, free.skin_points)
+        np.testing.assert_array_equal(traj.indentation_mm, free.indentation_mm)
+
+
+def test_habit_probability_and_default(phantom, geometry):
+    # A habit of 0.8: 80 % of the moves go the habitual way (binomial, 4 standard deviations).
+    habit_rng = np.random.default_rng(5)
+    signs = []
+    for seed in range(60):
+        knots = T.rotation_schedule(np.random.default_rng(seed), 75.0, habit=0.8, habit_rng=habit_rng)
+        values = np.stack([v for _, v in knots])
+        for channel in (0, 1):
+            signs.extend(first_moves(values[:, channel]))
+        signs.append(np.sign(values[-1, 2]))
+    signs = np.array(signs)
+    assert len(signs) > 300
+    assert abs(np.mean(signs > 0) - 0.8) < 4 * np.sqrt(0.8 * 0.2 / len(signs))
+    # No habit (the default): the habit's generator is not touched and directions stay mixed.
+    unused = np.random.default_rng(3)
+    state = unused.bit_generator.state
+    a = T.rotation_protocol(np.random.default_rng(4), phantom.skin_surface, geometry, 300)
+    b = T.rotation_protocol(np.random.default_rng(4), phantom.skin_surface, geometry, 300, habit=0.5, habit_rng=unused)
+    np.testing.assert_array_equal(a.tform_tissue_from_image, b.tform_tissue_from_image)
+    assert unused.bit_generator.state == state
+    free = np.concatenate([first_moves(np.stack([v for _, v in T.rotation_schedule(np.random.default_rng(s), 75.0)])[:, 0])
+                           for s in range(30)])
+    assert 0.3 < np.mean(free > 0) < 0.7
+    with pytest.raises(ValueError, match="habit=1.2"):
+        T.rotation_schedule(np.random.default_rng(0), 10.0, habit=1.2, habit_rng=habit_rng)
+    with pytest.raises(ValueError, match="needs a habit_rng"):
+        T.rotation_schedule(np.random.default_rng(0), 10.0, habit=1.0)
+
+
 def test_image_pose_places_contact_row_on_the_face(phantom, geometry):
     """The image's centre column at the contact row maps onto the face's centre line point."""
     traj = T.rotation_protocol(np.random.default_rng(0), phantom.skin_surface, geometry, 50)

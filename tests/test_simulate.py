@@ -62,6 +62,10 @@ def test_presets():
         D.get_preset("tiny", frames=1)
     with pytest.raises(ValueError, match="protocol='spiral'"):
         D.get_preset("tiny", protocol="spiral")
+    assert p2025.habit == 0.5  # no habit unless asked for (SIMULATOR.md, "Direction cues")
+    assert D.get_preset("tiny", habit=1.0).habit == 1.0
+    with pytest.raises(ValueError, match="habit=1.5"):
+        D.get_preset("tiny", habit=1.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p2025.frames = 3
 
@@ -255,6 +259,8 @@ def test_cli_writes_refuses_and_previews(tmp_path, capsys):
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--layout", "val"], "invalid choice: 'val'"),
     (["--preview-only"], "--preview-only needs --preview"),
+    (["--habit", "2"], "expected a probability in [0, 1]"),
+    (["--habit", "often"], "'often' is not a number"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -272,3 +278,15 @@ def test_full_size_sweeps_scan(tmp_path):
     scan = read_scan(refs[0])
     assert scan.frames.shape == (6, 480, 640) and scan.landmarks.shape == (20, 3)
     assert load_calibration(tmp_path / "calib_matrix.csv").scale[0, 0] == REAL_TFORM_CALIB_SCALE[0, 0]
+
+
+def test_preset_habit_reaches_the_rotation_protocol():
+    """``Preset.habit`` is what the dataset's trajectories follow (every move the habitual way at 1)."""
+    preset = D.get_preset("tusrec2025", habit=1.0, frames=600)
+    phantom = D.default_phantom_factory(np.random.default_rng(0), "LH")
+    geometry = D.make_geometry(preset, D.scaled_calibration(preset.height, preset.width)[0])
+    traj = D.make_trajectory(np.random.default_rng(1), phantom, geometry, preset, "LH_rotation",
+                             habit_rng=np.random.default_rng(2))
+    fan = traj.meta["fan_deg"]
+    starts = np.flatnonzero((fan[:-1] == 0.0) & (fan[1:] != 0.0))
+    assert traj.meta["habit"] == 1.0 and len(starts) >= 1 and np.all(fan[starts + 1] > 0)
