@@ -73,13 +73,17 @@ from utils.evaluation import PredictionSettings, configure_cpu_inference, evalua
 from utils.plotting import plot_training_curves
 from utils.run_dir import make_run_dir
 from utils.training_data import (
+    MEASUREMENT_FOLDER,
     EpochSampler,
     FrameWindowDataset,
     MeasuredWindowDataset,
     cache_downsampled_scans,
+    load_measurements,
+    measurement_cache_path,
     read_folds,
     read_scan_frames,
     resolve_data_root,
+    save_measurements,
     scans_of_folds,
     subject_folds,
     write_folds,
@@ -1015,18 +1019,32 @@ class Loaders:
     val: DataLoader | None
 
 
-def measured_scans(model, scans, read_factor: int, device: torch.device, what: str) -> MeasuredWindowDataset:
+def measured_scans(model, scans, read_factor: int, device: torch.device, what: str,
+                   cache_dir=None) -> MeasuredWindowDataset:
     """``--feature_cache``: each scan measured once by the network's fixed first stage (``measure_scan``),
-    kept in memory on the CPU, windows sliced from it."""
+    kept in memory on the CPU, windows sliced from it. With ``cache_dir`` (``--cache_dir``) the
+    measurements are also kept on disk and a later run with the same encoder and scans reads them
+    instead of measuring again (``utils.training_data.measurement_cache_path``)."""
     measurements, poses = [], []
     started = time.perf_counter()
+    model_key = model.measurement_key() if cache_dir else None
+    reused = 0
     for ref in scans:
-        frames = torch.from_numpy(read_scan_frames(ref, read_factor)).to(device)
-        measured = model.measure_scan(frames)
-        measurements.append(_to_cpu_rows(measured))
+        path = measurement_cache_path(cache_dir, model_key, ref, read_factor, device.type) if cache_dir else None
+        if path is not None and path.is_file():
+            rows = load_measurements(path)
+            reused += 1
+        else:
+            frames = torch.from_numpy(read_scan_frames(ref, read_factor)).to(device)
+            rows = _to_cpu_rows(model.measure_scan(frames))
+            if path is not None:
+                save_measurements(path, rows)
+        measurements.append(rows)
         with ScanFile(ref) as scan_file:
             poses.append(np.asarray(scan_file.read_tforms(), dtype=np.float64))
-    log.info("feature cache: %d %s scans measured in %.0f s", len(scans), what, time.perf_counter() - started)
+    log.info("feature cache: %d %s scans measured, %d read from %s, in %.0f s", len(scans) - reused, what, reused,
+             Path(cache_dir) / MEASUREMENT_FOLDER if cache_dir else "nowhere (no --cache_dir)",
+             time.perf_counter() - started)
     return MeasuredWindowDataset(measurements, poses, int(unwrap_model(model).num_frames))
 
 
@@ -1072,14 +1090,14 @@ def make_measured_loaders(options: TrainOptions, data: RunData, device: torch.de
     """``--feature_cache`` loaders: windows of the scans' cached measurements (``MeasuredWindowDataset``),
     read in the main process (the cache is in memory: workers would only copy it)."""
     model = unwrap_model(model)
-    train_set = measured_scans(model, data.train_scans, data.read_factor, device, "training")
+    train_set = measured_scans(model, data.train_scans, data.read_factor, device, "training", options.cache_dir)
     train_sampler = EpochSampler(len(train_set), options.samples_per_scan, seed=options.seed, shuffle=True,
                                  rank=distributed.rank, world_size=distributed.world_size)
     loader_args = dict(batch_size=options.minibatch_size, num_workers=0, generator=torch.Generator())
     train_loader = DataLoader(train_set, sampler=train_sampler, **loader_args)
     val_loader = None
     if data.val_scans:
-        val_set = measured_scans(model, data.val_scans, data.read_factor, device, "validation")
+        val_set = measured_scans(model, data.val_scans, data.read_factor, device, "validation", options.cache_dir)
         val_sampler = EpochSampler(len(val_set), options.val_samples_per_scan, seed=options.seed + 1, shuffle=False,
                                    rank=distributed.rank, world_size=distributed.world_size)
         val_sampler.set_epoch(0)  # fixed windows: every validation sees the same ones

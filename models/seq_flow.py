@@ -41,6 +41,9 @@ prediction of ``T_{i-1<-i}`` for i = 1..num_frames-1 (``utils.transform.consecut
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from torch import nn
 
@@ -54,6 +57,9 @@ MOMENTS = 4  # frame_moments per frame
 MOMENT_CHANGE_SCALE = 100.0
 # Pairs per encoder call: bounds the memory of stacking a window's frame pairs (2 x 480 x 640 floats each).
 ENCODER_CHUNK = 64
+# Part of ``measurement_key``: bump it whenever ``measure_scan`` gives other numbers for the same
+# weights and settings, so measurements cached on disk by an earlier version are not reused.
+MEASUREMENT_VERSION = 1
 
 
 def frame_moments(thumbnails: torch.Tensor) -> torch.Tensor:
@@ -171,6 +177,21 @@ class SeqFlowNet(nn.Module):
         if self.freeze_encoder:
             self.encoder.eval()
         return self
+
+    def measurement_key(self) -> str:
+        """A digest of everything ``measure_scan`` depends on besides the frames: the encoder's weights
+        and buffers, its settings, the offsets and ``MEASUREMENT_VERSION`` (``--feature_cache`` files on
+        disk are named by it, ``utils.training_data.measurement_cache_path``)."""
+        encoder = self.encoder
+        settings = {"version": MEASUREMENT_VERSION, "offsets": list(self.offsets), "patch_size": encoder.patch_size,
+                    "num_patches": encoder.num_patches, "radius": encoder.radius, "jitter": encoder.jitter,
+                    "robust_iterations": encoder.robust_iterations, "patch_selection": encoder.patch_selection,
+                    "thumbnail": list(THUMBNAIL)}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for name, tensor in sorted(encoder.state_dict().items()):
+            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def set_label_statistics(self, mean: torch.Tensor, std: torch.Tensor, frame_size) -> None:
         """Measure the head's outputs in units of each DOF's spread over the training labels."""

@@ -204,7 +204,8 @@ class TrainOptions:
         1, "fixed windows per validation scan, the same at every validation"
     )
     downsample: int = option(1, "integer factor of area down-sampling of the frames; 1 = full resolution")
-    cache_dir: str | None = option(None, "folder of an on-disk cache of down-sampled scans; none = no cache")
+    cache_dir: str | None = option(None, "folder of an on-disk cache of down-sampled scans and, with feature_cache, "
+                                         "of each scan's measurements; none = no cache")
     reverse_prob: float = option(0.0, "probability of reversed playback augmentation")
     max_stride: int = option(1, "largest random stride between a window's frames (1..max_stride)")
     flip_prob: float = option(

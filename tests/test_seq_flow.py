@@ -318,6 +318,58 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
     assert any(volume_dir.rglob("*.mha")) or any(volume_dir.rglob("*.nii*")) or any(volume_dir.rglob("*.npy"))
 
 
+def assert_same_rows(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_rows(a[key], b[key])
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_measurements_kept_on_disk_are_read_back_exactly_and_renamed_by_any_change(tiny_data, tmp_path):
+    import os
+
+    from utils.challenge_data import find_scans
+    from utils.training_data import MEASUREMENT_FOLDER
+
+    refs = find_scans(tiny_data)[:2]
+    cpu = torch.device("cpu")
+    model = randomised_seq_flow(6, seed=2)
+    fresh = train.measured_scans(model, refs, 1, cpu, "test")  # no --cache_dir: nothing on disk
+    cache = tmp_path / "cache"
+    written = train.measured_scans(model, refs, 1, cpu, "test", cache)
+    folder = cache / MEASUREMENT_FOLDER
+    assert len(list(folder.glob("*.pt"))) == 2 and len(list(folder.iterdir())) == 2  # no temporaries left
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("measured a scan whose measurements are on disk")
+
+    model.measure_scan = measured_again  # the second run must read every scan from the files
+    read = train.measured_scans(model, refs, 1, cpu, "test", cache)
+    del model.measure_scan
+    for a, b, c in zip(fresh.measurements, written.measurements, read.measurements):
+        assert_same_rows(a, b)
+        assert_same_rows(a, c)
+    assert all(np.array_equal(p, q) for p, q in zip(fresh.poses, read.poses))
+
+    # Other encoder weights, or a rewritten scan file, are measured again under new names.
+    with torch.no_grad():
+        model.encoder.log_sharpness.add_(0.5)
+    train.measured_scans(model, refs[:1], 1, cpu, "test", cache)
+    assert len(list(folder.glob("*.pt"))) == 3
+    stat = os.stat(refs[0].frames_path)
+    os.utime(refs[0].frames_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    train.measured_scans(model, refs[:1], 1, cpu, "test", cache)
+    assert len(list(folder.glob("*.pt"))) == 4
+
+    # A damaged file is named, not read as something else.
+    for path in folder.glob("*.pt"):
+        path.write_bytes(b"not a tensor file")
+    with pytest.raises(InputError, match="unreadable measurement cache file.*delete it"):
+        train.measured_scans(model, refs[:1], 1, cpu, "test", cache)
+
+
 def test_frame_moments_are_the_brightness_and_its_weighted_centre_and_spread():
     from models.seq_flow import frame_moments
 

@@ -399,6 +399,40 @@ def read_scan_frames(ref: ScanRef, downsample: int = 1, chunk: int = 256) -> np.
     return out
 
 
+MEASUREMENT_FOLDER = "measurements"
+
+
+def measurement_cache_path(cache_dir, model_key: str, ref: ScanRef, read_factor: int, device_type: str) -> Path:
+    """Where ``--feature_cache`` keeps one scan's measurements between runs (with ``--cache_dir``):
+    ``cache_dir/measurements/<digest>.pt``.
+
+    The digest covers the measuring network (``SeqFlowNet.measurement_key``: weights, settings, code
+    version), the scan's frames file (resolved path, size, mtime), the read factor and the device type
+    (a GPU's arithmetic differs from a CPU's in the last bits), so any change gives a new name; files
+    of older inputs are never read again, only left (delete the folder to reclaim the space).
+    """
+    record = {"format": CACHE_FORMAT_VERSION, "model": model_key, "key": ref.key,
+              "frames": _file_signature(ref.frames_path), "factor": int(read_factor), "device": str(device_type)}
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+    return Path(cache_dir) / MEASUREMENT_FOLDER / f"{digest}.pt"
+
+
+def save_measurements(path, rows: dict) -> None:
+    """Write one scan's measurements (a nested dict of CPU tensors) atomically: a file that exists is whole."""
+    with atomic_path(path) as tmp:
+        torch.save(rows, tmp)
+
+
+def load_measurements(path) -> dict:
+    """Read what ``save_measurements`` wrote; InputError naming the file if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (torch raises several kinds for a damaged file)
+        first_line = (str(error).strip().splitlines() or [""])[0]  # torch's messages run to paragraphs
+        raise InputError(f"{path}: unreadable measurement cache file ({type(error).__name__}: {first_line}); "
+                         f"delete it to measure the scan again") from None
+
+
 def _file_signature(path) -> dict:
     path = Path(path).resolve()
     stat = path.stat()
