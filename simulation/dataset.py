@@ -116,6 +116,9 @@ class Preset:
         if not (isinstance(self.habit, (int, float, np.floating)) and not isinstance(self.habit, bool)
                 and 0.0 <= self.habit <= 1.0):
             raise ValueError(f"habit={self.habit!r}: expected a probability in [0, 1] (0.5: no habit)")
+        if self.protocol != "rotation" and self.habit != sim_trajectory.HABIT_NONE:
+            raise ValueError(f"habit={self.habit!r} sets the directions of the rotation protocol's moves; "
+                             f"protocol={self.protocol!r} has none (leave habit at 0.5)")
         if not self.density > 0:
             raise ValueError(f"density={self.density!r}: expected a positive number of scatterers per mm^3")
         if self.frames is None and self.protocol == "rotation":

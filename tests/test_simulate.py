@@ -66,6 +66,8 @@ def test_presets():
     assert D.get_preset("tiny", habit=1.0).habit == 1.0
     with pytest.raises(ValueError, match="habit=1.5"):
         D.get_preset("tiny", habit=1.5)
+    with pytest.raises(ValueError, match="protocol='sweeps' has none"):
+        D.get_preset("tusrec2024", habit=1.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p2025.frames = 3
 
