@@ -349,14 +349,13 @@ def _direction(rng, move: str, habit: float, habit_rng) -> float:
     return habitual if habit_rng.random() < habit else -habitual
 
 
-def _swing_block(rng, knots, channel, amplitude, half_cycle, cycles, half_cycle_bounds=None, sign=None):
+def _swing_block(rng, knots, channel, amplitude, half_cycle, cycles, sign, half_cycle_bounds=None):
     """Append minimum-jerk swings 0 -> +-A -> -+A ... -> 0 on ``channel`` to ``knots`` (time, [3] values).
 
     Each full swing lasts ``half_cycle`` with +-5 % jitter, clipped to ``half_cycle_bounds`` (s) when
     given; the first and last moves cover half a swing in half the time, at the same peak speed.
-    ``sign`` is the first swing's direction (drawn at random when None).
+    ``sign`` (+1 or -1, from ``_direction``) is the first swing's direction.
     """
-    sign = rng.choice([-1.0, 1.0]) if sign is None else sign
     t, values = knots[-1]
     targets = [sign * amplitude]
     for _ in range(2 * cycles - 1):
@@ -399,12 +398,12 @@ def rotation_schedule(rng: np.random.Generator, duration_s: float, habit: float 
         low = max(FAN_HALF_CYCLE_S[0], 1.875 * 2 * amplitude / FAN_PEAK_DEG_S[1])
         high = min(FAN_HALF_CYCLE_S[1], 1.875 * 2 * amplitude / FAN_PEAK_DEG_S[0])
         half_cycle, cycles = rng.uniform(low, high), int(rng.integers(FAN_CYCLES[0], FAN_CYCLES[1] + 1))
-        _swing_block(rng, knots, 0, amplitude, half_cycle, cycles, half_cycle_bounds=(low, high),
-                     sign=_direction(rng, "fan", habit, habit_rng))
+        _swing_block(rng, knots, 0, amplitude, half_cycle, cycles, _direction(rng, "fan", habit, habit_rng),
+                     half_cycle_bounds=(low, high))
 
     def rock():
         amplitude, half_cycle, cycles = rng.uniform(*ROCK_DEG), rng.uniform(*ROCK_HALF_CYCLE_S), int(rng.integers(1, 4))
-        _swing_block(rng, knots, 1, amplitude, half_cycle, cycles, sign=_direction(rng, "rock", habit, habit_rng))
+        _swing_block(rng, knots, 1, amplitude, half_cycle, cycles, _direction(rng, "rock", habit, habit_rng))
 
     def rotate():
         t, values = knots[-1]
