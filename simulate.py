@@ -49,16 +49,6 @@ def _bounded_int(low: int, high: int | None = None):
     return parse
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: expected a probability in [0, 1]")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     from simulation.dataset import PRESETS, PROTOCOLS
     from utils.challenge_data import LAYOUTS
@@ -77,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=_bounded_int(16, 4096), default=None, help="frame columns (pixel size scaled)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None,
                         help="rotation (2025 LH/RH_rotation) or sweeps (2024's 24 scans)")
-    parser.add_argument("--habit", type=_probability, default=None,
+    parser.add_argument("--habit", type=float, default=None,  # its range is the Preset's to check
                         help="rotation scans: probability that each fan, rock and turn goes the sonographer's "
                              "habitual way (0.5: no habit, the preset's default; README, direction cues)")
     parser.add_argument("--workers", type=_bounded_int(1, 256), default=min(2, os.cpu_count() or 1),

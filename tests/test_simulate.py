@@ -262,7 +262,7 @@ def test_cli_writes_refuses_and_previews(tmp_path, capsys):
     (["--layout", "val"], "invalid choice: 'val'"),
     (["--preview-only"], "--preview-only needs --preview"),
     (["--habit", "2"], "expected a probability in [0, 1]"),
-    (["--habit", "often"], "'often' is not a number"),
+    (["--habit", "often"], "invalid float value: 'often'"),
 ])
 def test_cli_rejects_bad_arguments(tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:
