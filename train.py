@@ -133,7 +133,8 @@ class PairGeometry:
             (``label_loss_weights``), None for the baseline's plain MSE.
         loss_kind: ``"mse"`` (the baseline's) or ``"l1"``: the mean absolute error, each value's
             weighted by the square root of its MSE weight (so ``label_norm`` measures both in units
-            of each DOF's spread).
+            of each DOF's spread); or ``"l1_oop_mse"`` (``parameter`` labels): ``"l1"`` on the in-plane
+            DOFs, ``"mse"`` on the out-of-plane ones.
         accumulated_weight: weight of ``accumulated_error_ratio`` in the loss (consecutive pairs only;
             0 = off).
     """
@@ -217,12 +218,21 @@ class PairGeometry:
     def value_losses(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of every label value, the shape of ``labels``; ``loss`` is their mean."""
         difference = predictions - labels
+        weights = torch.ones(difference.shape[-1], device=difference.device) if self.loss_weights is None \
+            else self.loss_weights
+        if self.loss_kind == "mse":
+            return difference.pow(2) * weights
         if self.loss_kind == "l1":
-            weights = None if self.loss_weights is None else self.loss_weights.sqrt()
-            values = difference.abs()
-        else:
-            weights, values = self.loss_weights, difference.pow(2)
-        return values if weights is None else values * weights
+            return difference.abs() * weights.sqrt()
+        # l1_oop_mse: two frames cannot tell which way the plane moved out of itself, so a network that
+        # sees a direction only as likelier should not commit to it. The squared error is least for
+        # the mean over both directions, (2p - 1) times the size, which is also what keeps the error of
+        # the chained transforms least; the absolute error's least is the likelier direction in full,
+        # and whole half-swings of a fan predicted the wrong way add up over a scan (issue 12's note).
+        # The in-plane DOFs keep the absolute error: a few pairs beyond the search do not drive them.
+        out_of_plane = torch.zeros(difference.shape[-1], dtype=torch.bool, device=difference.device)
+        out_of_plane[list(tf.OUT_OF_PLANE_DOFS)] = True
+        return torch.where(out_of_plane, difference.pow(2) * weights, difference.abs() * weights.sqrt())
 
     def dof_errors(self, predictions: torch.Tensor, labels: torch.Tensor) -> dict:
         """Per-DOF sums over the batch's pairs, for ``evaluate``: absolute errors and absolute true

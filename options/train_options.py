@@ -16,6 +16,7 @@ from utils.errors import InputError
 MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18", "patch_flow", "seq_flow")
 WINDOW_PAIRS = ("baseline", "consecutive")  # utils.transform.WINDOW_PAIRS, without importing torch
 LOSS_DOFS = ("all", "in_plane")
+LOSS_KINDS = ("mse", "l1", "l1_oop_mse")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -136,10 +137,13 @@ class TrainOptions:
 
     loss: str = option(
         "mse",
-        "mse (the baseline's) or l1 (mean absolute error, weighted per DOF by the square root of the MSE "
+        "mse (the baseline's), l1 (mean absolute error, weighted per DOF by the square root of the MSE "
         "weight: what the TUS-REC errors average is a distance, not its square, and a few pairs that "
-        "failed to match do not dominate it)",
-        choices=("mse", "l1"),
+        "failed to match do not dominate it) or l1_oop_mse (parameter labels: l1 on the in-plane DOFs, "
+        "the squared error on the out-of-plane ones, whose direction is uncertain: its minimiser is the "
+        "mean over both directions, a prediction shrunk by the doubt, where the absolute error's is the "
+        "likelier direction in full)",
+        choices=LOSS_KINDS,
     )
 
     # --- optimisation -----------------------------------------------------------------------
@@ -223,9 +227,9 @@ class TrainOptions:
             check_pred_label(self.pred_type, self.label_type)
         except ValueError as exc:
             problems.append(str(exc))
-        if (self.label_norm or self.loss_dofs != "all") and self.label_type != "parameter":
-            problems.append(f"label_norm={self.label_norm}, loss_dofs={self.loss_dofs!r}: per-DOF losses need "
-                            f"label_type='parameter' (got {self.label_type!r})")
+        if (self.label_norm or self.loss_dofs != "all" or self.loss == "l1_oop_mse") and self.label_type != "parameter":
+            problems.append(f"label_norm={self.label_norm}, loss_dofs={self.loss_dofs!r}, loss={self.loss!r}: per-DOF "
+                            f"losses need label_type='parameter' (got {self.label_type!r})")
         if self.model_name == "patch_flow" and (self.num_samples, self.num_pred, self.pred_type) != (2, 1, "parameter"):
             problems.append(f"model_name='patch_flow' predicts one pair's parameters: it needs num_samples=2, "
                             f"num_pred=1, pred_type='parameter' (got {self.num_samples}, {self.num_pred}, "

@@ -336,6 +336,41 @@ def test_l1_loss_is_the_mean_absolute_error_in_units_of_each_dof_s_spread(weight
     mse = train.PairGeometry(**{**geometry.__dict__, "loss_kind": "mse"})
     assert float(mse.loss(predictions, labels)) == pytest.approx(
         float((((predictions - labels) * scale) ** 2).mean()), rel=1e-6)
+    mixed = train.PairGeometry(**{**geometry.__dict__, "loss_kind": "l1_oop_mse"})
+    # [a_Z, a_Y, a_X, t_x, t_y, t_z]: the absolute error in plane, the squared one out of it.
+    squared = [False, True, True, False, False, True]
+    expected = float(sum((float(p - q) * float(scale[k])) ** 2 if squared[k] else abs(float(p - q)) * float(scale[k])
+                         for row_p, row_q in zip(predictions[:, 0], labels[:, 0])
+                         for k, (p, q) in enumerate(zip(row_p, row_q))) / 30)
+    assert float(mixed.loss(predictions, labels)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_l1_oop_mse_predicts_the_mean_out_of_plane_motion_when_the_direction_is_in_doubt():
+    """Labels whose out-of-plane part is +1 for 70 % of the pairs and -1 for 30 % (the direction in doubt),
+    in-plane 0 or 10 (a pair beyond the search): the best constant prediction under l1_oop_mse is the
+    mean out of plane (0.4) and the median in plane (0); under l1 it is +1 out of plane."""
+    geometry = train.PairGeometry(pairs=torch.tensor([[0, 1]]), pred_type="parameter", label_type="parameter",
+                                  calib_R_T=torch.eye(4, dtype=torch.float64),
+                                  image_points_mm=torch.ones(4, 4, dtype=torch.float64), loss_kind="l1_oop_mse")
+    labels = torch.zeros(10, 1, 6)
+    labels[:7, 0, [1, 2, 5]], labels[7:, 0, [1, 2, 5]] = 1.0, -1.0
+    labels[0, 0, [0, 3, 4]] = 10.0
+    candidates = torch.linspace(-1, 1, 201)
+
+    def best(kind: str, dof: int) -> float:
+        losses = []
+        for value in candidates:
+            prediction = torch.zeros(10, 1, 6)
+            prediction[..., dof] = value
+            losses.append(float(train.PairGeometry(**{**geometry.__dict__, "loss_kind": kind})
+                                .value_losses(prediction, labels)[..., dof].mean()))
+        return float(candidates[int(np.argmin(losses))])
+
+    for dof in (1, 2, 5):
+        assert best("l1_oop_mse", dof) == pytest.approx(0.4, abs=1e-6)
+        assert best("l1", dof) == pytest.approx(1.0, abs=1e-6)
+    for dof in (0, 3, 4):
+        assert best("l1_oop_mse", dof) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dof_errors_are_absolute_errors_in_degrees_and_mm():
