@@ -585,17 +585,24 @@ def evaluate(model, loader, geometry: PairGeometry, device: torch.device, option
 
 @torch.no_grad()
 def evaluate_scans(model, scans, source_scans, read_factor: int, calibration, device: torch.device,
-                   options: TrainOptions) -> dict:
+                   options: TrainOptions, measured: list | None = None) -> dict:
     """Official GPE/LPE (and their identity values) of whole scans, averaged over scans.
 
     ``scans`` are what the network reads (the originals, down-sampled by ``read_factor`` on reading,
     or a cache already down-sampled, ``read_factor`` 1); ``source_scans`` the original files, whose
-    frame size and poses define the metrics. The same flow as ``generate_DDF.py``.
+    frame size and poses define the metrics. The same flow as ``generate_DDF.py``. ``measured``
+    (``--feature_cache``): each scan's measurements kept for training (``MeasuredWindowDataset``),
+    so whole-scan validation costs the temporal model and the metrics only, not the measuring.
     """
     settings = PredictionSettings.from_options(options)
     rows = []
-    for ref, source in zip(scans, source_scans):
-        result = evaluate_scan(model, settings, source, calibration, device, frames=read_scan_frames(ref, read_factor))
+    for index, (ref, source) in enumerate(zip(scans, source_scans)):
+        if measured is not None:
+            result = evaluate_scan(model, settings, source, calibration, device,
+                                   measurements=_batch_of_one(measured[index]))
+        else:
+            result = evaluate_scan(model, settings, source, calibration, device,
+                                   frames=read_scan_frames(ref, read_factor))
         rows.append((result.errors["GPE"], result.errors["LPE"], result.identity_errors["GPE"],
                      result.identity_errors["LPE"]))
     means = np.mean(np.array(rows), axis=0) if rows else [math.nan] * 4
@@ -831,8 +838,9 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
         row.update(evaluate(train_model, loaders.val, geometry, device, options, distributed))
         if options.val_scan_every and epoch % options.val_scan_every == 0:
             if distributed.is_main:
+                measured = loaders.val.dataset.measurements if options.feature_cache else None
                 row.update(evaluate_scans(model, data.val_scans, data.val_sources, data.read_factor, data.calibration,
-                                          device, options))
+                                          device, options, measured))
             if distributed.enabled:
                 dist.barrier()
         if distributed.is_main and row["val_dist"] < state["best"]["val_dist"]:
@@ -1063,6 +1071,13 @@ def _to_cpu_rows(measured):
     if isinstance(measured, dict):
         return {key: _to_cpu_rows(value) for key, value in measured.items()}
     return measured[0].cpu()
+
+
+def _batch_of_one(rows):
+    """Per-frame rows (``_to_cpu_rows``) as ``measure_scan``'s dict again (a batch of one)."""
+    if isinstance(rows, dict):
+        return {key: _batch_of_one(value) for key, value in rows.items()}
+    return rows[None]
 
 
 def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed) -> Loaders:

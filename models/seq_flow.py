@@ -59,7 +59,8 @@ MOMENT_CHANGE_SCALE = 100.0
 ENCODER_CHUNK = 64
 # Part of ``measurement_key``: bump it whenever ``measure_scan`` gives other numbers for the same
 # weights and settings, so measurements cached on disk by an earlier version are not reused.
-MEASUREMENT_VERSION = 1
+# 2: the fixed encoder measures in eval mode from construction on (version 1 cached jittered patch grids).
+MEASUREMENT_VERSION = 2
 
 
 def frame_moments(thumbnails: torch.Tensor) -> torch.Tensor:
@@ -155,7 +156,9 @@ class SeqFlowNet(nn.Module):
         self.encoder = PatchFlowNet(pixel_mm=pixel_mm, patch_size=patch_size, num_patches=num_patches, radius=radius,
                                     robust_iterations=robust_iterations, patch_selection=patch_selection)
         if self.freeze_encoder:
-            self.encoder.requires_grad_(False)
+            # Fixed from the start, in eval mode too (``train`` keeps it there): whatever measures with the
+            # model as built (``--feature_cache``) sees the patch grid prediction sees, not a jittered one.
+            self.encoder.requires_grad_(False).eval()
         # appearance_dim 0: the brightness moments alone (a learned encoder of 16 training scans' thumbnails
         # memorises them: issue 12's cached run got worse on validation from its fifth epoch).
         self.appearance = AppearanceEncoder(appearance_dim) if appearance_dim > 0 else None
@@ -343,7 +346,12 @@ class SeqFlowNet(nn.Module):
         Args:
             scan: uint8 [N, H, W] frames (on the model's device).
         """
-        measurements = self.measure_scan(scan)
+        return self.features_of(self.measure_scan(scan))
+
+    @torch.no_grad()
+    def features_of(self, measurements: dict) -> dict:
+        """``scan_features`` from a scan's ``measure_scan`` (e.g. kept by ``--feature_cache``): only the
+        learned part after the encoder is computed."""
         thumbnails = measurements["thumbnails"][0]
         looks = torch.cat([self._looks(thumbnails[a:a + ENCODER_CHUNK]) for a in range(0, len(thumbnails), ENCODER_CHUNK)])
         return {"grids": measurements["grids"], "params": measurements["params"], "looks": looks[None]}

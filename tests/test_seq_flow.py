@@ -112,6 +112,12 @@ def test_untrained_seq_flow_predicts_its_encoder_s_motion_of_each_pair():
 
 def test_the_encoder_stays_fixed_and_in_eval_mode_when_frozen():
     model = models.build_model("seq_flow", 6, 30, **SMALL)
+    # from construction on: train.py's --feature_cache measures the scans with the model as built, and a
+    # patch grid jittered there would differ from the one prediction measures with
+    assert not model.encoder.training
+    scan = speckle_scan(12, seed=6)
+    as_built = model.measure_scan(scan)["params"]
+    assert torch.equal(as_built, model.eval().measure_scan(scan)["params"])
     model.train()
     assert not model.encoder.training and model.appearance.training
     assert not any(p.requires_grad for p in model.encoder.parameters())
@@ -169,6 +175,28 @@ def test_whole_scan_prediction_measures_each_pair_once_and_equals_running_whole_
     assert_close(fast_local, slow_local, rtol=1e-6, atol=1e-7)
     assert_close(fast_global, slow_global, rtol=1e-6, atol=1e-6)
     assert float((fast_local[:, :3, 3] - torch.eye(4, dtype=torch.float64)[:3, 3]).abs().max()) > 0
+
+
+def test_whole_scan_prediction_from_kept_measurements_equals_measuring_the_frames_and_measures_nothing():
+    """--feature_cache validation: the scan's measurements kept for training (per-frame rows, as
+    ``train.measured_scans`` keeps them) predict exactly what the frames do, without the encoder."""
+    length, num_frames = 8, 30
+    model = randomised_seq_flow(length, seed=4)
+    scan = speckle_scan(num_frames, seed=5)
+    kwargs = dict(num_samples=length, num_pred=length - 1, pred_type="parameter", image_points_mm=POINTS_MM,
+                  device="cpu", batch_size=3, window_pairs="consecutive")
+    from_frames = predict_scan_transforms(model, scan, **kwargs)
+    rows = train._to_cpu_rows(model.measure_scan(scan))
+    model.encoder.measure = model.encoder.correlate = None  # measuring now would fail
+    stand_in = np.broadcast_to(np.zeros((), np.uint8), tuple(scan.shape))  # only counted
+    from_rows = predict_scan_transforms(model, stand_in, measurements=train._batch_of_one(rows), **kwargs)
+    for a, b in zip(from_frames, from_rows):
+        assert torch.equal(a, b)
+    with pytest.raises(InputError, match="measurements of 29 frames for a scan of 30"):
+        predict_scan_transforms(model, stand_in, measurements=train._batch_of_one(
+            train._to_cpu_rows({"thumbnails": rows["thumbnails"][None, :29]})), **kwargs)
+    with pytest.raises(InputError, match="measurements of a scan are what a sequence network with features_of reads"):
+        predict_scan_transforms(torch.nn.Identity(), stand_in, measurements=rows, **kwargs)
 
 
 def test_decorrelation_grid_averages_patches_near_each_cell_and_keeps_the_mean():
@@ -289,8 +317,21 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
     # the same stage 2 on cached measurements: trains, and its encoder is stage 1's too
     cached = train.run(args + ["--feature_cache", "true", "--name", "stage2-cached"])
     assert cached.step == 2 and all(math.isfinite(loss) for loss in cached.losses)
-    cached_model = load_checkpoint(cached.run_dir / "last.pt")["model"]
-    assert all(torch.equal(cached_model[f"encoder.{key}"], value) for key, value in first.items())
+    cached_checkpoint = load_checkpoint(cached.run_dir / "last.pt")
+    assert all(torch.equal(cached_checkpoint["model"][f"encoder.{key}"], value) for key, value in first.items())
+    # its whole-scan validation read the measurements kept for training: the GPE of predicting the frames
+    from utils.calibration import load_calibration
+    from utils.challenge_data import find_scans
+    from utils.checkpoint import model_from_checkpoint
+    from utils.training_data import read_folds, scans_of_folds
+
+    val_scans = scans_of_folds(find_scans(tiny_data), read_folds(cached.run_dir / "folds.json"), [2])
+    from_frames = train.evaluate_scans(model_from_checkpoint(cached_checkpoint), val_scans, val_scans, 1,
+                                       load_calibration(tiny_data / "calib_matrix.csv"), torch.device("cpu"),
+                                       cached_checkpoint["options"])
+    cached_rows = (cached.run_dir / "metrics.csv").read_text().splitlines()
+    cached_last = dict(zip(cached_rows[0].split(","), cached_rows[-1].split(",")))
+    assert float(cached_last["val_GPE"]) == pytest.approx(from_frames["val_GPE"], rel=1e-9)
 
     # generate_DDF.py on the test fold, unchanged
     result_dir, summary = generate_DDF.main(["--ckpt", str(stage2.run_dir / "last.pt"), "--split", "test"])

@@ -288,7 +288,7 @@ def network_frames(frames, settings: PredictionSettings, height: int, width: int
 
 
 def predict_transforms(model, frames, settings: PredictionSettings, scale, device, *, height: int | None = None,
-                       width: int | None = None, progress: bool = False):
+                       width: int | None = None, progress: bool = False, measurements: dict | None = None):
     """Predict every frame's global and local transform of a scan.
 
     Args:
@@ -300,6 +300,8 @@ def predict_transforms(model, frames, settings: PredictionSettings, scale, devic
         device: where the network runs.
         height, width: the original frame size; default ``frames``' own.
         progress: a progress bar over windows.
+        measurements: a ``seq_flow`` network's ``measure_scan`` of the scan, already made (``--feature_cache``):
+            the frames are then not read, only counted (``predict_scan_transforms``).
     Returns:
         ``(global [N-1, 4, 4], local [N-1, 4, 4], seconds)``: float64 CPU tensors ``T_{0<-i}`` and
         ``T_{i-1<-i}`` for i = 1..N-1, and the wall time from ``frames`` to both (down-sampling,
@@ -321,11 +323,12 @@ def predict_transforms(model, frames, settings: PredictionSettings, scale, devic
     restore_pixel_size = use_scan_pixel_size(model, scale, settings.downsample)
     try:
         start = time.perf_counter()
-        inputs = network_frames(frames, settings, height, width)
+        inputs = network_frames(frames, settings, height, width) if measurements is None else frames
         global_pred, local_pred = predict_scan_transforms(
             model, inputs, num_samples=settings.num_samples, num_pred=settings.num_pred,
             pred_type=settings.pred_type, image_points_mm=points, device=device, batch_size=batch_size,
-            amp_dtype=settings.torch_amp_dtype(device), progress=progress, window_pairs=settings.window_pairs)
+            amp_dtype=settings.torch_amp_dtype(device), progress=progress, window_pairs=settings.window_pairs,
+            measurements=measurements)
         global_pred = torch.as_tensor(global_pred).to("cpu", torch.float64)  # a sync point on a GPU
         local_pred = torch.as_tensor(local_pred).to("cpu", torch.float64)
         seconds = time.perf_counter() - start
@@ -493,7 +496,8 @@ def true_transforms(tforms, calibration: Calibration):
 
 
 def evaluate_scan(model, settings: PredictionSettings, ref: ScanRef, calibration: Calibration, device, *,
-                  scan: Scan | None = None, frames=None, progress: bool = False) -> ScanResult:
+                  scan: Scan | None = None, frames=None, progress: bool = False,
+                  measurements: dict | None = None) -> ScanResult:
     """Predict one scan with ``model`` and score it against its tracker poses.
 
     Args:
@@ -506,19 +510,22 @@ def evaluate_scan(model, settings: PredictionSettings, ref: ScanRef, calibration
         frames: the network's input frames already read (original or network size, e.g. from a
             down-sampled cache); then only the poses and landmarks are read from ``ref``.
         progress: a progress bar over windows.
+        measurements: the scan's ``measure_scan`` by the ``seq_flow`` network, already made (``--feature_cache``
+            validation): then the frames are not read at all.
     Returns:
         ``ScanResult``; the prediction is checked finite (ValueError otherwise) before anything is
         scored, so a caller that writes after this call never writes a NaN prediction.
     """
     if scan is None:
-        if frames is None:
+        if frames is None and measurements is None:
             scan = read_scan(ref)
         else:
             scan = _read_poses_only(ref, frames)
     height, width = scan.frame_size
     source_frames = scan.frames if frames is None else frames
     global_pred, local_pred, seconds = predict_transforms(
-        model, source_frames, settings, calibration.scale, device, height=height, width=width, progress=progress)
+        model, source_frames, settings, calibration.scale, device, height=height, width=width, progress=progress,
+        measurements=measurements)
     return score_prediction(ref, scan, calibration, global_pred, local_pred, seconds,
                             batch_size=settings.resolved_batch_size(device, height, width))
 
@@ -554,13 +561,14 @@ def score_prediction(ref: ScanRef, scan: Scan, calibration: Calibration, global_
                       batch_size=batch_size)
 
 
-def _read_poses_only(ref: ScanRef, frames) -> Scan:
+def _read_poses_only(ref: ScanRef, frames=None) -> Scan:
     """A ``Scan`` holding the poses and landmarks of ``ref`` and a zero-copy stand-in for frames
-    (only their shape is used), so cached frames are not read twice."""
+    (only their shape is used), so cached frames are not read twice (``frames``: those, whose
+    number is checked; None where nothing of the frames is needed)."""
     with ScanFile(ref) as scan_file:
         tforms = scan_file.read_tforms()
         num_frames, (height, width) = scan_file.num_frames, scan_file.frame_size
-    if int(frames.shape[0]) != num_frames:
+    if frames is not None and int(frames.shape[0]) != num_frames:
         raise InputError(f"{ref.frames_path}: {num_frames} frames, but {int(frames.shape[0])} were given")
     landmarks = None
     if ref.landmark_path is not None:

@@ -250,6 +250,7 @@ def predict_scan_transforms(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     window_pairs: str = "baseline",
+    measurements: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predict every frame's global and local transform of one scan.
 
@@ -272,6 +273,9 @@ def predict_scan_transforms(
         window_pairs: ``"baseline"`` (the pairs of ``pair_samples``, planned by ``window_plan``) or
             ``"consecutive"`` (every local pair of the window, ``consecutive_pairs``; overlapping
             windows, each step from the window it is most central in, ``sequence_windows``).
+        measurements: ``"consecutive"`` with a network that has ``features_of`` (``seq_flow``) only:
+            the scan's ``measure_scan`` already made (``--feature_cache``), used instead of measuring
+            ``frames`` again (then only their number is read).
     Returns:
         ``(global, local)``, each float64 [N-1, 4, 4] on the CPU, row i-1 for frame i: global
         ``T_{0<-i}``, local ``T_{i-1<-i} = T_{0<-i-1}^-1 T_{0<-i}`` (exactly the predicted edge where
@@ -285,10 +289,13 @@ def predict_scan_transforms(
         raise InputError(f"pred_type={pred_type!r} is not one of {list(PRED_TYPES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r} must be a positive integer")
+    if measurements is not None and (window_pairs != "consecutive" or not hasattr(model, "features_of")):
+        raise InputError(f"measurements of a scan are what a sequence network with features_of reads (seq_flow); "
+                         f"got {type(model).__name__} with window_pairs={window_pairs!r}")
     if window_pairs == "consecutive":
         return _predict_sequence_scan(model, frames, num_samples=num_samples, num_pred=num_pred, pred_type=pred_type,
                                       image_points_mm=image_points_mm, device=device, batch_size=batch_size,
-                                      amp_dtype=amp_dtype, progress=progress)
+                                      amp_dtype=amp_dtype, progress=progress, measurements=measurements)
     pairs = window_pairs_of(window_pairs, num_samples, num_pred)
     num_pairs = len(pairs)
     reference_points, num_points = _reference_points(pred_type, image_points_mm)
@@ -385,22 +392,33 @@ def _values_to_edges(values: torch.Tensor, pred_type: str, reference_points, num
     return prediction_to_matrix(values, pred_type)
 
 
+def _on_device(measurements, device: torch.device):
+    """A (nested) dict of tensors, each moved to ``device``."""
+    if isinstance(measurements, dict):
+        return {key: _on_device(value, device) for key, value in measurements.items()}
+    return measurements.to(device)
+
+
 def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, image_points_mm, device, batch_size,
-                           amp_dtype, progress) -> tuple[torch.Tensor, torch.Tensor]:
+                           amp_dtype, progress, measurements=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``predict_scan_transforms`` for ``window_pairs="consecutive"``: every step from the overlapping
     window it is most central in (``sequence_windows``).
 
     A network with ``scan_features``, ``window_inputs`` and ``decode`` (``seq_flow``) measures every
     frame pair of the scan once and runs only its temporal part per window (``batch_size`` windows
     per call), with exactly the numbers it would compute from each window's frames; any other runs
-    whole windows of frames, ``batch_size`` at a time.
+    whole windows of frames, ``batch_size`` at a time. ``measurements`` (the scan's ``measure_scan``,
+    on any device) skip the measuring.
     """
     window_pairs_of("consecutive", num_samples, num_pred)  # validates num_pred
     reference_points, num_points = _reference_points(pred_type, image_points_mm)
     values_per_pair = type_dim(pred_type, num_points, 1)
     steps = num_samples - 1
-    scan = _frames_on(frames, device)
-    starts, window = sequence_windows(len(scan), num_samples)
+    scan = _frames_on(frames, device) if measurements is None else None
+    num_frames = len(frames)
+    if measurements is not None and measurements["thumbnails"].shape[1] != num_frames:
+        raise InputError(f"measurements of {measurements['thumbnails'].shape[1]} frames for a scan of {num_frames}")
+    starts, window = sequence_windows(num_frames, num_samples)
     fast = all(hasattr(model, name) for name in ("scan_features", "window_inputs", "decode"))
     batches = range(0, len(starts), batch_size)
     if progress:
@@ -412,7 +430,9 @@ def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, i
     outputs = []
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if fast:
+            if measurements is not None:
+                features = model.features_of(_on_device(measurements, device))
+            elif fast:
                 features = model.scan_features(scan)
             for first in batches:
                 chosen = starts[first:first + batch_size].to(device)
@@ -429,7 +449,7 @@ def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, i
     finally:
         model.train(was_training)
     outputs = torch.cat(outputs).reshape(len(starts), steps, values_per_pair)
-    position = torch.arange(len(scan) - 1) - starts[window]
+    position = torch.arange(num_frames - 1) - starts[window]
     values = outputs[window, position]  # [N-1, D]
     finite = torch.isfinite(values).all(dim=1)
     if not bool(finite.all()):
