@@ -12,7 +12,7 @@ Options: ``options/train_options.py`` (defaults = the official baseline's), pres
 (``--NUM_SAMPLES``, ``--PRED_TYPE``, ...) work as aliases. Each run writes ``results/<NNN>-<name>/``:
 ``options.yaml`` (the resolved options, a valid preset), ``folds.json``, ``log.txt``, ``metrics.csv``
 (a row per epoch), ``curves.png``, TensorBoard events in ``tb/``, and the checkpoints ``last.pt`` and
-``best.pt`` (lowest validation point distance).
+``best.pt`` (lowest validation point distance, or whole-scan GPE with ``--best_metric val_GPE``).
 
 What one step does, as the baseline: a batch of windows of ``NUM_SAMPLES`` frames (``/255``) goes
 through the network; its output per pair ``(j, i)`` of ``pair_samples(NUM_SAMPLES, NUM_PRED)`` is
@@ -843,8 +843,10 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
                                           device, options, measured))
             if distributed.enabled:
                 dist.barrier()
-        if distributed.is_main and row["val_dist"] < state["best"]["val_dist"]:
-            state["best"] = {"val_dist": row["val_dist"], "epoch": epoch, "step": state["step"]}
+        metric = options.best_metric
+        value = row.get(metric, math.nan)  # val_GPE exists only at epochs with whole-scan validation
+        if distributed.is_main and math.isfinite(value) and value < state["best"].get(metric, math.inf):
+            state["best"] = {metric: value, "epoch": epoch, "step": state["step"]}
             save("best.pt")
 
     def record(row: dict) -> None:
@@ -900,9 +902,9 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
                  signal.Signals(signum).name, state["epoch"], state["step"], run_dir / "last.pt")
         raise Interrupted(signum)
     best = state["best"]
-    log.info("finished at epoch %d, step %d; best validation point distance %s (epoch %s); checkpoints in %s",
-             state["epoch"], state["step"], f"{best['val_dist']:.3f} mm" if math.isfinite(best["val_dist"]) else "n/a",
-             best["epoch"], run_dir)
+    best_value = best.get(options.best_metric, math.inf)
+    log.info("finished at epoch %d, step %d; best %s %s (epoch %s); checkpoints in %s", state["epoch"], state["step"],
+             options.best_metric, f"{best_value:.3f} mm" if math.isfinite(best_value) else "n/a", best["epoch"], run_dir)
     return TrainResult(run_dir, state["epoch"], state["step"], dict(state["best"]), list(state["last_losses"]))
 
 
@@ -1222,8 +1224,7 @@ def build_network(options: TrainOptions, geometry: PairGeometry, data: RunData, 
 
 def restore_state(checkpoint, model, optimizer, scheduler, scaler, distributed: Distributed, resume_path) -> dict:
     """The loop's state: a fresh start, or everything a checkpoint saved (``--resume``)."""
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": {"val_dist": math.inf, "epoch": None, "step": None},
-             "last_losses": []}
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best": {"epoch": None, "step": None}, "last_losses": []}
     if checkpoint is None:
         return state
     load_model_state(model, checkpoint["model"], str(resume_path))

@@ -17,6 +17,7 @@ MODEL_NAMES = ("efficientnet_b1", "efficientnet_b0", "resnet18", "patch_flow", "
 WINDOW_PAIRS = ("baseline", "consecutive")  # utils.transform.WINDOW_PAIRS, without importing torch
 LOSS_DOFS = ("all", "in_plane")
 LOSS_KINDS = ("mse", "l1", "l1_oop_mse")
+BEST_METRICS = ("val_dist", "val_GPE")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -180,6 +181,13 @@ class TrainOptions:
     val_scan_every: int = option(
         10, "epochs between whole-scan GPE/LPE of the validation scans; 0 = never"
     )
+    best_metric: str = option(
+        "val_dist",
+        "what best.pt is the lowest of: val_dist (the point distance of the validation windows' pairs, every "
+        "validation) or val_GPE (the whole validation scans' GPE, every val_scan_every epochs: a sequence "
+        "model's drift over whole scans, which its windows do not show)",
+        choices=BEST_METRICS,
+    )
     save_every_steps: int = option(
         0, "also write last.pt every this many optimiser steps; 0 = only per freq_save and at the end"
     )
@@ -227,6 +235,8 @@ class TrainOptions:
             check_pred_label(self.pred_type, self.label_type)
         except ValueError as exc:
             problems.append(str(exc))
+        if self.best_metric == "val_GPE" and not self.val_scan_every:
+            problems.append("best_metric='val_GPE' needs whole validation scans: val_scan_every > 0 (got 0)")
         if (self.label_norm or self.loss_dofs != "all" or self.loss == "l1_oop_mse") and self.label_type != "parameter":
             problems.append(f"label_norm={self.label_norm}, loss_dofs={self.loss_dofs!r}, loss={self.loss!r}: per-DOF "
                             f"losses need label_type='parameter' (got {self.label_type!r})")

@@ -510,6 +510,7 @@ def test_cpu_hour_preset():
     ({"label_norm": True}, "per-DOF losses need label_type='parameter'"),
     ({"loss_dofs": "in_plane", "label_type": "point"}, "per-DOF losses need"),
     ({"loss": "l1_oop_mse", "label_type": "point"}, "loss='l1_oop_mse': per-DOF losses need"),
+    ({"best_metric": "val_GPE", "val_scan_every": 0}, "best_metric='val_GPE' needs whole validation scans"),
     ({"model_name": "patch_flow", "label_type": "parameter", "num_samples": 4, "sample_range": 4},
      "patch_flow.*num_samples=2"),
     ({"model_name": "patch_flow", "label_type": "parameter", "patch_size": 36}, "patch_size=36: expected a multiple of 8"),

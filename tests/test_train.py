@@ -109,6 +109,20 @@ def test_run_folder_holds_resolved_options_folds_logs_curves_and_checkpoints(tin
     assert best["best"]["val_dist"] == pytest.approx(min(float(row["val_dist"]) for row in rows), rel=1e-12)
 
 
+def test_best_pt_can_be_the_lowest_whole_scan_gpe(tiny_data, tmp_path):
+    """--best_metric val_GPE: best.pt is the epoch whose whole validation scans' GPE was lowest, among the
+    epochs that scored whole scans (every 2nd here), whatever the windows' point distance said."""
+    result = train.run(base_args(tiny_data, tmp_path, "--NUM_EPOCHS", "4", "--val_scan_every", "2",
+                                 "--best_metric", "val_GPE", "--learning_rate", "3e-3"))
+    rows = read_metrics(result.run_dir)
+    scored = [(float(row["val_GPE"]), int(row["epoch"])) for row in rows if row["val_GPE"] not in ("", "nan")]
+    assert [epoch for _, epoch in scored] == [0, 2, 4]
+    best = load_checkpoint(result.run_dir / "best.pt")
+    assert best["best"]["val_GPE"] == pytest.approx(min(scored)[0], rel=1e-12)
+    assert best["best"]["epoch"] == min(scored)[1] == best["epoch"]
+    assert "best val_GPE" in (result.run_dir / "log.txt").read_text()
+
+
 def test_training_overfits_a_handful_of_windows():
     """The loss of 4 fixed windows falls by more than an order of magnitude in 60 steps.
 
