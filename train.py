@@ -796,6 +796,11 @@ def _train(options: TrainOptions, namespace, checkpoint, device: torch.device, d
     if options.feature_cache:
         if checkpoint is not None:  # measured with the run's own (fixed) encoder
             load_model_state(model, checkpoint["model"], f"checkpoint {namespace.resume}")
+        if distributed.enabled:
+            # Every rank measures with rank 0's weights, as DistributedDataParallel would make them only
+            # later: each rank draws its own initial weights (seed + rank), an untrained encoder too.
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
         loaders = make_measured_loaders(options, data, device, distributed, model)
     optimizer = make_optimizer(model, options)
     steps_per_epoch = math.ceil(len(loaders.train_sampler) / options.minibatch_size)

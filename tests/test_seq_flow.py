@@ -359,6 +359,38 @@ def test_stage_two_trains_from_a_patch_flow_checkpoint_and_predicts_through_ever
     assert any(volume_dir.rglob("*.mha")) or any(volume_dir.rglob("*.nii*")) or any(volume_dir.rglob("*.npy"))
 
 
+@pytest.mark.slow
+def test_cached_measurements_under_torchrun_with_two_cpu_processes(tiny_data, tmp_path):
+    """--feature_cache with DDP: both ranks measure (the same numbers: the encoder is fixed and in eval
+    mode), both may write the same cache files (atomically), rank 0 validates whole scans from its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    cache = tmp_path / "cache"
+    args = common_args(tiny_data, tmp_path / "results") + [
+        "--model_name", "seq_flow", "--window_pairs", "consecutive", "--NUM_SAMPLES", "8", "--SAMPLE_RANGE", "8",
+        "--NUM_PRED", "7", "--MINIBATCH_SIZE", "2", "--samples_per_scan", "2", "--NUM_EPOCHS", "2",
+        "--feature_cache", "true", "--cache_dir", str(cache), "--best_metric", "val_GPE", "--name", "ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TUSREC_DDP_BACKEND="gloo")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(repo / "train.py"), *args]
+    finished = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    run_dir = next((tmp_path / "results").glob("*-ddp"))
+    # one whole file per scan (2 training subjects and 1 validation subject of 2 scans), no temporaries left
+    files = sorted((cache / "measurements").iterdir())
+    assert len(files) == 6 and all(f.suffix == ".pt" and not f.name.startswith(".") for f in files)
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 4 and all(float(dict(zip(header, row.split(",")))["val_GPE"]) > 0 for row in rows[1:])
+    log_text = (run_dir / "log.txt").read_text()
+    assert "processes: 2" in log_text and "best val_GPE" in log_text
+    assert load_checkpoint(run_dir / "best.pt")["best"]["val_GPE"] > 0
+
+
 def assert_same_rows(a, b):
     assert a.keys() == b.keys()
     for key in a:
