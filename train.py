@@ -71,6 +71,7 @@ from utils.cli import Interrupted, StopSignals, ignore_stop_signals, run_cli
 from utils.errors import InputError
 from utils.evaluation import PredictionSettings, configure_cpu_inference, evaluate_scan, image_points_mm
 from utils.plotting import plot_training_curves
+from utils.prediction import map_tensors
 from utils.run_dir import make_run_dir
 from utils.training_data import (
     MEASUREMENT_FOLDER,
@@ -599,7 +600,7 @@ def evaluate_scans(model, scans, source_scans, read_factor: int, calibration, de
     for index, (ref, source) in enumerate(zip(scans, source_scans)):
         if measured is not None:
             result = evaluate_scan(model, settings, source, calibration, device,
-                                   measurements=_batch_of_one(measured[index]))
+                                   measurements=as_batch_of_one(measured[index]))
         else:
             result = evaluate_scan(model, settings, source, calibration, device,
                                    frames=read_scan_frames(ref, read_factor))
@@ -1061,7 +1062,7 @@ def measured_scans(model, scans, read_factor: int, device: torch.device, what: s
             reused += 1
         else:
             frames = torch.from_numpy(read_scan_frames(ref, read_factor)).to(device)
-            rows = _to_cpu_rows(model.measure_scan(frames))
+            rows = as_rows(model.measure_scan(frames))
             if path is not None:
                 save_measurements(path, rows)
         measurements.append(rows)
@@ -1073,18 +1074,14 @@ def measured_scans(model, scans, read_factor: int, device: torch.device, what: s
     return MeasuredWindowDataset(measurements, poses, int(unwrap_model(model).num_frames))
 
 
-def _to_cpu_rows(measured):
-    """``measure_scan``'s dict (batch of one) as per-frame rows on the CPU."""
-    if isinstance(measured, dict):
-        return {key: _to_cpu_rows(value) for key, value in measured.items()}
-    return measured[0].cpu()
+def as_rows(measured):
+    """``measure_scan``'s dict (a batch of one) as per-frame rows on the CPU, as ``measured_scans`` keeps it."""
+    return map_tensors(lambda tensor: tensor[0].cpu(), measured)
 
 
-def _batch_of_one(rows):
-    """Per-frame rows (``_to_cpu_rows``) as ``measure_scan``'s dict again (a batch of one)."""
-    if isinstance(rows, dict):
-        return {key: _batch_of_one(value) for key, value in rows.items()}
-    return rows[None]
+def as_batch_of_one(rows):
+    """Per-frame rows (``as_rows``) as ``measure_scan``'s dict again."""
+    return map_tensors(lambda tensor: tensor[None], rows)
 
 
 def make_loaders(options: TrainOptions, data: RunData, device: torch.device, distributed: Distributed) -> Loaders:

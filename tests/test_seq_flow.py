@@ -186,15 +186,15 @@ def test_whole_scan_prediction_from_kept_measurements_equals_measuring_the_frame
     kwargs = dict(num_samples=length, num_pred=length - 1, pred_type="parameter", image_points_mm=POINTS_MM,
                   device="cpu", batch_size=3, window_pairs="consecutive")
     from_frames = predict_scan_transforms(model, scan, **kwargs)
-    rows = train._to_cpu_rows(model.measure_scan(scan))
+    rows = train.as_rows(model.measure_scan(scan))
     model.encoder.measure = model.encoder.correlate = None  # measuring now would fail
     stand_in = np.broadcast_to(np.zeros((), np.uint8), tuple(scan.shape))  # only counted
-    from_rows = predict_scan_transforms(model, stand_in, measurements=train._batch_of_one(rows), **kwargs)
+    from_rows = predict_scan_transforms(model, stand_in, measurements=train.as_batch_of_one(rows), **kwargs)
     for a, b in zip(from_frames, from_rows):
         assert torch.equal(a, b)
     with pytest.raises(InputError, match="measurements of 29 frames for a scan of 30"):
-        predict_scan_transforms(model, stand_in, measurements=train._batch_of_one(
-            train._to_cpu_rows({"thumbnails": rows["thumbnails"][None, :29]})), **kwargs)
+        predict_scan_transforms(model, stand_in, measurements=train.as_batch_of_one(
+            train.as_rows({"thumbnails": rows["thumbnails"][None, :29]})), **kwargs)
     with pytest.raises(InputError, match="measurements of a scan are what a sequence network with features_of reads"):
         predict_scan_transforms(torch.nn.Identity(), stand_in, measurements=rows, **kwargs)
 

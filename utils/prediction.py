@@ -392,11 +392,11 @@ def _values_to_edges(values: torch.Tensor, pred_type: str, reference_points, num
     return prediction_to_matrix(values, pred_type)
 
 
-def _on_device(measurements, device: torch.device):
-    """A (nested) dict of tensors, each moved to ``device``."""
-    if isinstance(measurements, dict):
-        return {key: _on_device(value, device) for key, value in measurements.items()}
-    return measurements.to(device)
+def map_tensors(function, value):
+    """``function`` applied to every tensor of a nested dict of tensors (a network's measurements)."""
+    if isinstance(value, dict):
+        return {key: map_tensors(function, item) for key, item in value.items()}
+    return function(value)
 
 
 def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, image_points_mm, device, batch_size,
@@ -431,7 +431,7 @@ def _predict_sequence_scan(model, frames, *, num_samples, num_pred, pred_type, i
     try:
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if measurements is not None:
-                features = model.features_of(_on_device(measurements, device))
+                features = model.features_of(map_tensors(lambda tensor: tensor.to(device), measurements))
             elif fast:
                 features = model.scan_features(scan)
             for first in batches:
