@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from utils import transform as tf
 from utils.calibration import load_calibration
-from utils.challenge_data import CALIB_FILE, find_scans, read_landmarks, ScanFile
+from utils.challenge_data import CALIB_FILE, ScanFile, check_scans, find_scans, read_landmarks
 from utils.cli import run_cli
 from utils.errors import InputError
 from utils.evaluation import score_transforms, true_transforms
@@ -133,6 +133,7 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
     data_root = resolve_data_root(args.data_path)
     calibration = load_calibration(data_root / CALIB_FILE)
     refs = find_scans(data_root)
+    check_scans(refs)  # a damaged or short scan fails now, before minutes of work on the others
     out_dir = args.out if args.out is not None else Path("results") / f"headroom-{data_root.resolve().name}"
     rng = np.random.default_rng(args.seed)
     rows = []
