@@ -27,7 +27,9 @@ by default); the decorrelation curve is calibrated on the training folds (the fi
 each scan, or read from ``--speckle_calibration``) and written into the output folder as
 ``speckle_calibration.json``.
 ``--speckle_sign`` chooses how the out-of-plane direction, which decorrelation does not give, is
-set (``zero``: not predicted, the default); ``scores.csv`` then also counts the pairs that truly move
+set (``zero``: not predicted, the default; ``continuity``: kept from pair to pair, reversed at each stop;
+``moves``: reversed at a turn, and at the start of each move the direction moves of its kind started
+in on the training scans, ``utils.speckle``); ``scores.csv`` then also counts the pairs that truly move
 out of plane (``oop_moving_pairs``, more than 0.1 mm RMS over the image), those of them given a
 direction (``oop_sign_counted``) and those given the right one (``oop_sign_agree``). Scored exactly
 like the network: same tables, files and plots.
@@ -148,7 +150,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "decorrelation curve on the dataset's training folds")
     parser.add_argument("--speckle_sign", choices=speckle.SIGN_RULES, default=speckle.SIGN_ZERO,
                         help="--method speckle: out-of-plane direction rule; zero (default) predicts no "
-                             "out-of-plane motion, continuity keeps the direction and reverses it after each stop")
+                             "out-of-plane motion, continuity keeps the direction and reverses it after each stop, "
+                             "moves reverses it at turns and starts each move the way training moves of its kind did")
     return parser
 
 
@@ -389,6 +392,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
     if args.speckle_calibration is not None:
         curve = speckle.SpeckleCalibration.load(args.speckle_calibration)  # fails before any work
         curve.check_pixel_size(calibration.scale)
+        curve.check_rule(args.speckle_sign)
     train, refs = speckle_split(find_scans(data_root), args.split, calibrated=curve is not None)
     sizes = check_scans(list(dict.fromkeys(train + refs)))  # before any work, as for the network
     out_dir = Path(args.out) if args.out is not None else default_speckle_out_dir(data_root, args.split,
@@ -418,9 +422,12 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
                        f"{SPECKLE_CALIBRATION_FRAMES} first frames each")
             log.info("calibrated in %.1f s", time.perf_counter() - started)
         curve.save(staging / speckle.CALIBRATION_FILE)
-        log.info("speckle: depth bands %s mm, sigma %s mm, rho0 %s, stop threshold %.3f mm, initial sign %+d",
+        moves = (f"turns of {curve.turn_pairs}-{curve.pause_pairs - 1} stopped pairs, runs of {curve.min_run_pairs}+ "
+                 f"pairs, move directions "
+                 f"{dict(zip(speckle.MOVE_KINDS, curve.move_signs))}" if curve.pause_pairs else "no moves calibration")
+        log.info("speckle: depth bands %s mm, sigma %s mm, rho0 %s, stop threshold %.3f mm, initial sign %+d, %s",
                  _numbers(curve.band_edges_mm, 0), _numbers(curve.sigma_mm, 2), _numbers(curve.rho0, 3),
-                 curve.stop_threshold_mm, curve.initial_sign)
+                 curve.stop_threshold_mm, curve.initial_sign, moves)
         log.info("data %s: %d scans (%s split), sign rule %s, %d CPU threads -> %s", data_root, len(refs),
                  args.split, args.speckle_sign, torch.get_num_threads(), out_dir)
         results = _evaluate_all(evaluate, refs, staging, scale, args)

@@ -17,14 +17,23 @@ parameters mirrors its transform through the image plane (``M T M`` with ``M = d
   that last, as a model's do over a half-swing);
 - ``shrunk p, blocks of B``: the same directions, the size scaled by ``2p - 1``: the mean over both
   directions that a model sure to p of its direction predicts under a squared loss (``--loss
-  l1_oop_mse``), which keeps its mistakes small.
+  l1_oop_mse``), which keeps its mistakes small;
+- ``sign p, per move`` (and ``shrunk p, per move``): one draw per move, each move given the right
+  direction with probability p, its turns kept: what a model would do that tells where a move starts
+  and ends and where it turns, and only guesses which way the move as a whole went. A fan swings back
+  to where it started, so a whole fan mirrored leaves no error after it; a quarter turn does not
+  return, so its mistake lasts. Moves are found in the true motion (``move_segments``): stretches
+  where the out-of-plane turning, smoothed over a few pairs, exceeds ``MOVE_SPEED_DEG`` per pair,
+  joined across stillness shorter than ``MOVE_MERGE_PAIRS`` (a turn, not a pause); each stretch
+  between moves (a pause, a rock, which turns the plane within itself, the hand's drift) is a
+  segment of its own with one draw.
 
 It answers how good a direction must be to reach a GPE target (issue 12), before a model is
 trained. Needs no checkpoint; the draws are seeded (``--seed``), so a run repeats exactly.
 
 Output (``--out``, default ``results/headroom-<dataset>``; files replaced)::
 
-    scores.csv    one row per scan and variant: GPE, GLE, LPE, LLE (mm)
+    scores.csv    one row per scan and variant: GPE, GLE, LPE, LLE (mm), segments (moves and the stretches between)
     summary.csv   per variant the mean over scans, and GPE over in-plane only's
 """
 
@@ -38,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
 from utils import transform as tf
@@ -51,6 +61,16 @@ from utils.training_data import resolve_data_root
 
 log = logging.getLogger("oop_headroom")
 ERRORS = ("GPE", "GLE", "LPE", "LLE")
+# Moves in the true motion of a 20 fps scan (``move_segments``). The simulated protocol's fans peak at
+# 1-3 degrees per pair and its quarter turns at 4-5; at rest, drift and tremor turn the plane by a
+# median 0.04-0.09 degrees per pair once smoothed (the 6 scans of data/sim2025_test).
+MOVE_SMOOTHING_PAIRS = 2.0  # Gaussian sigma (pairs): tremor, aliased at 20 fps, averages out
+MOVE_SPEED_DEG = 0.2  # smoothed out-of-plane turning per pair above which the probe is moving (4 deg/s)
+MOVE_PEAK_DEG = 0.5  # a move peaks above this; a stretch that does not is the hand's drift
+# Stillness shorter than this is a turn within a move (a minimum-jerk swing slows below
+# MOVE_SPEED_DEG for about 6 pairs at each turn); the protocol's pauses last 6-20 frames and the
+# moves slow down into them, so a short pause may join two moves: harmless, they then share a draw.
+MOVE_MERGE_PAIRS = 12
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,6 +101,34 @@ def direction_draws(num_pairs: int, accuracy: float, block: int, rng: np.random.
     return torch.from_numpy(np.repeat(np.where(right, 1.0, -1.0), block)[:num_pairs])
 
 
+def move_segments(local: torch.Tensor) -> np.ndarray:
+    """[N] int64: for each pair of the local transforms [N, 4, 4], the number of its segment (0, 1, ...
+    in order), a segment being a move or a stretch between two moves (module docstring)."""
+    angles = tf.matrix_to_params(local)[:, [1, 2]].numpy()  # a_Y, a_X: the out-of-plane turning
+    speed = np.degrees(np.hypot(*gaussian_filter1d(angles, MOVE_SMOOTHING_PAIRS, axis=0, mode="nearest").T))
+    moving = np.flatnonzero(speed > MOVE_SPEED_DEG)
+    moves = []  # [start, end) pairs
+    for run in np.split(moving, np.flatnonzero(np.diff(moving) > 1) + 1) if len(moving) else []:
+        start, end = int(run[0]), int(run[-1]) + 1
+        if speed[start:end].max() <= MOVE_PEAK_DEG:
+            continue
+        if moves and start - moves[-1][1] < MOVE_MERGE_PAIRS:
+            moves[-1][1] = end
+        else:
+            moves.append([start, end])
+    boundaries = sorted({b for move in moves for b in move} - {0, len(local)})
+    segments = np.zeros(len(local), dtype=np.int64)
+    segments[boundaries] = 1
+    return np.cumsum(segments)
+
+
+def segment_draws(segments: np.ndarray, accuracy: float, rng: np.random.Generator) -> torch.Tensor:
+    """[N] float64: +1 where a pair's direction is right, -1 where reversed; one draw per segment
+    (``segments`` as ``move_segments`` numbers them), right with probability ``accuracy``."""
+    right = rng.random(int(segments.max()) + 1) < accuracy
+    return torch.from_numpy(np.where(right, 1.0, -1.0)[segments])
+
+
 def with_out_of_plane_scaled(local: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Local transforms [N, 4, 4] with each pair's out-of-plane parameters (a_Y, a_X, t_z) multiplied by
     ``factor`` [N] (-1 mirrors the pair through the image plane, 0 keeps its in-plane motion only)."""
@@ -89,8 +137,11 @@ def with_out_of_plane_scaled(local: torch.Tensor, factor: torch.Tensor) -> torch
     return tf.params_to_matrix(params)
 
 
-def variants(num_pairs: int, accuracies, blocks, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Name -> out-of-plane factor per pair, in the order of the table."""
+def variants(segments: np.ndarray, accuracies, blocks, rng: np.random.Generator,
+             move_rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Name -> out-of-plane factor per pair, in the order of the table; ``segments`` from ``move_segments``;
+    the per-move draws come from ``move_rng``, so the others are those of a run without them."""
+    num_pairs = len(segments)
     factors = {"in-plane only": torch.zeros(num_pairs, dtype=torch.float64),
                "mirrored": -torch.ones(num_pairs, dtype=torch.float64)}
     for block in blocks:
@@ -98,10 +149,14 @@ def variants(num_pairs: int, accuracies, blocks, rng: np.random.Generator) -> di
             signs = direction_draws(num_pairs, accuracy, block, rng)
             factors[f"sign {accuracy:g}, blocks of {block}"] = signs
             factors[f"shrunk {accuracy:g}, blocks of {block}"] = (2 * accuracy - 1) * signs
+    for accuracy in accuracies:
+        signs = segment_draws(segments, accuracy, move_rng)
+        factors[f"sign {accuracy:g}, per move"] = signs
+        factors[f"shrunk {accuracy:g}, per move"] = (2 * accuracy - 1) * signs
     return factors
 
 
-def scan_rows(ref, calibration, accuracies, blocks, rng: np.random.Generator) -> list[dict]:
+def scan_rows(ref, calibration, accuracies, blocks, rng: np.random.Generator, move_rng: np.random.Generator) -> list[dict]:
     with ScanFile(ref) as scan_file:
         tforms = scan_file.read_tforms()
         num_frames, (height, width) = scan_file.num_frames, scan_file.frame_size
@@ -111,11 +166,13 @@ def scan_rows(ref, calibration, accuracies, blocks, rng: np.random.Generator) ->
     global_true, local_true = true_transforms(tforms, calibration)
     scale = torch.as_tensor(np.array(calibration.scale), dtype=torch.float64)
     rows = []
-    for name, factor in variants(len(local_true), accuracies, blocks, rng).items():
+    segments = move_segments(local_true)
+    for name, factor in variants(segments, accuracies, blocks, rng, move_rng).items():
         local = with_out_of_plane_scaled(local_true, factor)
         errors = score_transforms(global_true, local_true, tf.chain_local_transforms(local), local, scale, landmarks,
                                   height, width)[0]
-        rows.append({"subject": ref.subject, "scan": ref.name, "variant": name, **{k: errors[k] for k in ERRORS}})
+        rows.append({"subject": ref.subject, "scan": ref.name, "variant": name, **{k: errors[k] for k in ERRORS},
+                     "segments": int(segments.max()) + 1})
     return rows
 
 
@@ -135,10 +192,10 @@ def main(argv=None) -> tuple[Path, pd.DataFrame]:
     refs = find_scans(data_root)
     check_scans(refs)  # a damaged or short scan fails now, before minutes of work on the others
     out_dir = args.out if args.out is not None else Path("results") / f"headroom-{data_root.resolve().name}"
-    rng = np.random.default_rng(args.seed)
+    rng, move_rng = np.random.default_rng(args.seed), np.random.default_rng([args.seed, 1])
     rows = []
     for ref in tqdm(refs, desc="scans", unit="scan", disable=not sys.stderr.isatty()):
-        rows.extend(scan_rows(ref, calibration, args.sign_accuracy, args.block, rng))
+        rows.extend(scan_rows(ref, calibration, args.sign_accuracy, args.block, rng, move_rng))
     scores = pd.DataFrame(rows)
     summary = summary_table(scores)
     write_csv(scores, out_dir / "scores.csv")

@@ -172,12 +172,19 @@ def test_inverted_curve_gives_the_displacement_back():
 
 def test_calibration_json_round_trip_and_clear_errors(tmp_path):
     calibration = speckle.SpeckleCalibration((0.0, 20.0, 60.0), (0.8, 1.6), (0.95, 0.9), PIXEL_MM,
-                                             stop_threshold_mm=0.25, initial_sign=-1, samples=(10, 20), num_pairs=7)
+                                             stop_threshold_mm=0.25, initial_sign=-1, turn_pairs=2, min_run_pairs=3,
+                                             pause_pairs=6, move_signs=(1, -1),
+                                             samples=(10, 20), num_pairs=7)
     path = calibration.save(tmp_path / "cal.json")
     assert speckle.SpeckleCalibration.load(path) == calibration
     record = json.loads(path.read_text())
     for change, message in [({"sigma_mm": [0.8, -1.0]}, "sigma_mm"), ({"band_edges_mm": [0, 20]}, "sigma_mm"),
                             ({"initial_sign": 0}, "initial_sign"), ({"format_version": 99}, "format_version"),
+                            ({"pause_pairs": 2.5}, "pause_pairs"), ({"pause_pairs": -1}, "pause_pairs"),
+                            ({"turn_pairs": 0}, "turn_pairs"), ({"turn_pairs": 6}, "must exceed 'turn_pairs'"),
+                            ({"min_run_pairs": 0}, "min_run_pairs"),
+                            ({"move_signs": [1]}, "move_signs"), ({"move_signs": [1, 0]}, "move_signs"),
+                            ({"move_signs": 1}, "move_signs"),
                             ({"settings": {"patch_px": 2}}, "patch_px"), ({"colour": "red"}, "unknown")]:
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**record, **change}))
@@ -191,6 +198,14 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
         speckle.SpeckleCalibration.load(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="pixels of"):
         speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE * 2, calibration)
+    # A calibration from before the moves rule (no pause) reads, but cannot drive that rule.
+    old = {k: v for k, v in record.items() if k not in ("turn_pairs", "min_run_pairs", "pause_pairs", "move_signs")}
+    bad.write_text(json.dumps(old))
+    before = speckle.SpeckleCalibration.load(bad)
+    assert (before.turn_pairs, before.pause_pairs, before.move_signs) == (1, 0, (1, 1))
+    before.check_rule(speckle.SIGN_CONTINUITY)
+    with pytest.raises(ValueError, match="no 'pause_pairs'.*calibrate again"):
+        speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE, before, speckle.SIGN_MOVES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +257,87 @@ def test_continuity_follows_a_field_whose_canonical_orientation_flips():
     signs = speckle.orient_planes(canonical, torch.ones(3), GRAM, speckle.SIGN_CONTINUITY, 0.0)
     oriented = canonical * signs[:, None]
     assert ((oriented @ GRAM * oriented[0]).sum(-1) > 0).all()
+
+
+def twist_planes(rate):
+    """A twist about the probe's axis (the lateral middle of the grid, x = 40): d = rate (x - 40), canonical
+    and true (the canonical orientation is the one positive at the grid's centroid, here 0: any)."""
+    rate = torch.as_tensor(rate, dtype=torch.float64)
+    true = torch.stack([-40.0 * rate, rate, torch.zeros_like(rate)], dim=-1)
+    return true.abs() * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64), true
+
+
+def rms(planes):
+    return (planes @ GRAM * planes).sum(-1).div(len(GRID)).sqrt()
+
+
+def test_move_directions_tell_a_tilt_from_a_twist():
+    tilt, _ = fan_planes([0.02, -0.03])
+    twist, _ = twist_planes([0.01, -0.02])
+    kinds, directions = speckle.move_directions(torch.cat([tilt, twist, -tilt, -twist]), GRAM)
+    assert [speckle.MOVE_KINDS[k] for k in kinds] == ["tilt"] * 2 + ["twist"] * 2 + ["tilt"] * 2 + ["twist"] * 2
+    # tilt: the sign of the mean displacement (v y, y > 0); twist: the sign of the lateral slope
+    assert directions.tolist() == [1, 1, 1, 1, -1, -1, -1, -1]
+
+
+# A habitual operator: every fan starts towards +a_X, every twist towards -rate, whatever came before.
+# Stops are pairs below 0.1 mm: a flicker of 1 pair as a move speeds up, turns of 4 and 5 pairs, pauses
+# of 12 pairs between moves.
+STOP, FLICKER = [0.001], [0.0005]
+HABIT_VELOCITY = ([0.02] + FLICKER + [0.03, 0.03] + STOP * 4 + [-0.03, -0.02] + STOP * 5 + [0.03, 0.02]  # + - +
+                  + STOP * 12 + [0.02, 0.03] + STOP * 4 + [-0.02, -0.03]  # a pause, then a fan that starts + again
+                  + STOP * 12)  # a pause, then a twist
+HABIT_TWIST = [-0.006, -0.008, 0.0, -0.007]  # with a flicker too
+SECOND_FAN = 8 + 5 + 2 + 12
+
+
+def habit_scan(fan_sign: float = 1.0, twist_sign: float = 1.0):
+    """Canonical and true fields of HABIT_VELOCITY then HABIT_TWIST, each move's direction times its sign."""
+    fan_canonical, fan_true = fan_planes(HABIT_VELOCITY)
+    twist_canonical, twist_true = twist_planes(HABIT_TWIST)
+    return torch.cat([fan_canonical, twist_canonical]), torch.cat([fan_sign * fan_true, twist_sign * twist_true])
+
+
+def test_moves_rule_passes_flickers_reverses_at_turns_and_starts_each_move_the_habitual_way():
+    canonical, true = habit_scan()
+    magnitude = rms(canonical)
+    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=8,
+                                  move_signs=(1, -1))
+    moving = magnitude >= 0.1
+    oriented = canonical * signs[:, None]
+    assert torch.allclose(oriented[moving], true[moving]) and (signs[~moving] == 0).all()
+    # continuity takes the flicker for a turn and the pauses for turns: wrong from the flicker on
+    continuity = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, 0.1)
+    wrong = (canonical * continuity[:, None] @ GRAM * true).sum(-1) < 0
+    assert not wrong[0] and wrong[2:4].all() and wrong[SECOND_FAN:].any()
+    # every stop a turn and no pause: continuity itself
+    assert torch.equal(speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
+                                             pause_pairs=1000), continuity)
+    with pytest.raises(ValueError, match="1 <= turn_pairs < pause_pairs"):
+        speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=0)
+
+
+@pytest.mark.parametrize(("fan_sign", "twist_sign", "expected"), [(1.0, 1.0, (1, -1)), (-1.0, -1.0, (-1, 1))])
+def test_calibrate_moves_finds_the_turns_the_pauses_and_the_habit(fan_sign, twist_sign, expected):
+    canonical, true = habit_scan(fan_sign, twist_sign)
+    estimate = speckle.MotionEstimate(torch.zeros(len(true)), torch.zeros(len(true), 2), canonical, rms(canonical),
+                                      GRAM)
+    turn, min_run, pause, move_signs = speckle.calibrate_moves([(estimate, true)] * 3, 0.1)
+    # Flickers of 1 pair, turns of 4-5, pauses of 12: turns from 2 to 4 pairs, pauses from 6 to 12 tell them
+    # apart; every run of moving pairs is real (2 pairs or more), so none may be passed over.
+    assert 2 <= turn <= 4 and min_run == 1 and 6 <= pause <= 12 and move_signs == expected
+
+
+def test_moves_rule_passes_over_a_run_too_short_to_be_a_swing():
+    # a fan's half-swing, a lone pair above the stop level within its turn, the next half-swing
+    velocity = [0.02, 0.03, 0.03] + STOP * 5 + [0.01] + STOP * 5 + [-0.03, -0.02]
+    canonical, true = fan_planes(velocity)
+    magnitude = rms(canonical)
+    kept = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20,
+                                 min_run_pairs=2)
+    assert kept.tolist() == [1, 1, 1] + [0] * 11 + [-1, -1]
+    taken = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20)
+    assert taken.tolist() == [1, 1, 1] + [0] * 5 + [-1] + [0] * 5 + [1, 1]  # the lone pair taken for a turn
 
 
 def test_sign_accuracy_counts_pairs_over_the_image():
@@ -326,6 +422,14 @@ def test_generate_ddf_speckle_end_to_end(tiny5_root, tmp_path):
     assert speckle.SpeckleCalibration.load(again / speckle.CALIBRATION_FILE) == calibration
     zero = pd.read_csv(again / "scores.csv")
     assert len(zero) == 2 and (zero["oop_sign_counted"] == 0).all() and np.isfinite(zero["GPE"]).all()
+    assert calibration.pause_pairs in speckle.PAUSE_CANDIDATES  # calibrated with the rest
+    moves, _ = generate_DDF.main(["--method", "speckle", "--data_path", str(tiny5_root), "--out",
+                                  str(tmp_path / "moves"), "--speckle_calibration", str(out / speckle.CALIBRATION_FILE),
+                                  "--split", "val", "--speckle_sign", "moves"])
+    given = pd.read_csv(moves / "scores.csv")
+    assert len(given) == 2 and np.isfinite(given["GPE"]).all()
+    assert (given["oop_sign_agree"] <= given["oop_sign_counted"]).all()
+    assert "'moves' rule's prediction" in (moves / "tables.txt").read_text()
     # A held-out dataset of other subjects (too few to split into folds) is scored whole with a
     # calibration made on another dataset's training folds.
     held_out = tmp_path / "held_out"

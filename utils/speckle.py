@@ -50,6 +50,18 @@ Speckle is the interference pattern of sub-resolution scatterers fixed to the ti
   decorrelate identically); it is the majority direction of the training scans relative to a
   canonical one (positive mean elevational displacement), so on data whose first move goes either
   way (the simulator draws it at random) the rule is right or wrong as a whole, scan by scan.
+  ``moves`` keeps that structure but tells stops apart by their length: a stop of fewer than
+  ``turn_pairs`` pairs is the magnitude flickering about the stop level as a move speeds up or
+  slows down, and changes nothing, nor does a run of fewer than ``min_run_pairs`` moving pairs
+  between stops (it gets no out-of-plane motion); one of fewer than ``pause_pairs`` is where a fan turns back, so
+  the direction reverses as under ``continuity``; a longer one is a pause that ends a move, and the next move starts in the direction moves of its
+  kind started in on the training scans (``move_signs``), whatever the last one did. Kinds: a *tilt*
+  (fan: the whole image moves one way, the mean displacement dominates) or a *twist* (turning about
+  the probe's axis: the two sides of the image move opposite ways, the lateral slope dominates).
+  Mistakes then last one move at most, and a fan mirrored as a whole swings back to where it started
+  (``oop_headroom.py``: right per move 80 % of the time is worth more than 90 % in runs of 50 pairs).
+  The move's direction is a prior learned from the training scans: it is only as good as the
+  operators' habit (``simulate.py --habit``); without one it is a coin per move.
 
 Conventions (``utils.transform``, DESIGN.md section 2): image mm ``x = column * S[0, 0]``,
 ``y = row * S[1, 1]``, ``z = 0`` with pixels counted from 1; the local transform of frame i is
@@ -61,6 +73,7 @@ t_z]`` with ``R = Rz(a_Z) Ry(a_Y) Rx(a_X)`` (radians, mm), built with
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -75,7 +88,16 @@ from utils.errors import InputError
 
 SIGN_ZERO = "zero"
 SIGN_CONTINUITY = "continuity"
-SIGN_RULES = (SIGN_ZERO, SIGN_CONTINUITY)
+SIGN_MOVES = "moves"
+SIGN_RULES = (SIGN_ZERO, SIGN_CONTINUITY, SIGN_MOVES)
+MOVE_KINDS = ("tilt", "twist")  # the ``moves`` rule's kinds of move, in the order of ``move_signs``
+# Stop lengths (pairs) the calibration tries for the ``moves`` rule. On the simulated rotation scans
+# (20 fps, stop level ~0.3 mm) the magnitude flickers below the stop level for 1-3 pairs as a move
+# starts or ends, a fan turns back through 4-20 stopped pairs, and moves are 15-30 apart (pauses of
+# 0.3-1 s and the slow ends of the moves around them).
+TURN_CANDIDATES = (1, 2, 3, 4)
+MIN_RUN_CANDIDATES = (1, 3, 5, 8)  # a half-swing of a fan lasts 0.6 s or more: 12 pairs
+PAUSE_CANDIDATES = (4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32)
 
 CALIBRATION_FORMAT_VERSION = 1
 CALIBRATION_FILE = "speckle_calibration.json"
@@ -475,6 +497,12 @@ class SpeckleCalibration:
         initial_sign: +1 or -1, the ``continuity`` rule's direction for the first moving segment,
             relative to the canonical one (positive mean elevational displacement of the patches):
             the majority on the training scans.
+        turn_pairs: the ``moves`` rule's shortest turn: shorter stops are ignored (1: none is).
+        min_run_pairs: the ``moves`` rule's shortest run of moving pairs: shorter ones are ignored.
+        pause_pairs: the ``moves`` rule's pause: a stop of at least this many pairs ends a move
+            (0: not calibrated, the rule is refused).
+        move_signs: the ``moves`` rule's direction of a move's start, per kind (``MOVE_KINDS``), +1
+            or -1 relative to ``move_directions``' canonical one: the majority on the training scans.
         samples: B, patches that calibrated each band; num_pairs: pairs used in all.
         source: free text, where the calibration comes from.
     """
@@ -486,6 +514,10 @@ class SpeckleCalibration:
     settings: SpeckleSettings = SpeckleSettings()
     stop_threshold_mm: float = 0.0
     initial_sign: int = 1
+    turn_pairs: int = 1
+    min_run_pairs: int = 1
+    pause_pairs: int = 0
+    move_signs: tuple[int, int] = (1, 1)
     samples: tuple[int, ...] = ()
     num_pairs: int = 0
     source: str = ""
@@ -519,6 +551,16 @@ class SpeckleCalibration:
                              f"got {self.stop_threshold_mm!r}")
         if self.initial_sign not in (1, -1) or isinstance(self.initial_sign, bool):
             raise InputError(f"{where}: 'initial_sign' must be 1 or -1, got {self.initial_sign!r}")
+        for name, low in (("turn_pairs", 1), ("min_run_pairs", 1), ("pause_pairs", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{where}: {name!r} must be a whole number of pairs >= {low}, got {value!r}")
+        if self.pause_pairs and self.pause_pairs <= self.turn_pairs:
+            raise InputError(f"{where}: 'pause_pairs' ({self.pause_pairs}) must exceed 'turn_pairs' ({self.turn_pairs})")
+        if len(self.move_signs) != len(MOVE_KINDS) or any(isinstance(v, bool) or v not in (1, -1)
+                                                          for v in self.move_signs):
+            raise InputError(f"{where}: 'move_signs' must be {len(MOVE_KINDS)} values of 1 or -1 (one per kind "
+                             f"{list(MOVE_KINDS)}), got {list(self.move_signs)}")
         if self.samples and len(self.samples) != bands:
             raise InputError(f"{where}: 'samples' must hold {bands} counts (one per depth band), "
                              f"got {list(self.samples)}")
@@ -578,8 +620,14 @@ class SpeckleCalibration:
         except (TypeError, ValueError) as error:
             raise InputError(f"{source}: a field has the wrong type ({error}); expected lists of numbers for "
                              "band_edges_mm, sigma_mm, rho0, pixel_size_mm") from None
-        if "initial_sign" in record:
-            values["initial_sign"] = record["initial_sign"]
+        for name in ("initial_sign", "turn_pairs", "min_run_pairs", "pause_pairs"):  # checked by validate (a float is refused)
+            if name in record:
+                values[name] = record[name]
+        if "move_signs" in record:
+            if not isinstance(record["move_signs"], list):
+                raise InputError(f"{source}: 'move_signs' must be a list of {len(MOVE_KINDS)} values of 1 or -1, "
+                                 f"got {record['move_signs']!r}")
+            values["move_signs"] = tuple(record["move_signs"])
         if "settings" in record:
             settings = record["settings"]
             known = {field.name for field in dataclasses.fields(SpeckleSettings)}
@@ -613,6 +661,14 @@ class SpeckleCalibration:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InputError(f"{path}: not a valid JSON speckle calibration ({error})") from None
         return cls.from_dict(record, source=str(path))
+
+    def check_rule(self, rule: str) -> None:
+        """Raise ValueError unless ``rule`` is a sign rule this calibration can drive."""
+        if rule not in SIGN_RULES:
+            raise InputError(f"sign rule {rule!r} is not one of {list(SIGN_RULES)}")
+        if rule == SIGN_MOVES and self.pause_pairs < 1:
+            raise InputError(f"{self.source or 'this speckle calibration'}: no 'pause_pairs' for the {SIGN_MOVES!r} "
+                             "sign rule (made before the rule existed): calibrate again on the training data")
 
     def check_pixel_size(self, scale, tolerance: float = 1e-3) -> None:
         """Raise ValueError unless ``scale``'s pixel size is the calibration's (relative ``tolerance``)."""
@@ -869,7 +925,8 @@ def estimate_motion(measurements: PairMeasurements, calibration: SpeckleCalibrat
 
 
 def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, rule: str,
-                  stop_threshold_mm: float = 0.0, initial_sign: int = 1) -> torch.Tensor:
+                  stop_threshold_mm: float = 0.0, initial_sign: int = 1, turn_pairs: int = 1, pause_pairs: int = 0,
+                  move_signs=(1, 1), min_run_pairs: int = 1) -> torch.Tensor:
     """The sign (+1, -1 or 0) to give each pair's canonical out-of-plane field, pairs in scan order.
 
     Rules (``SIGN_RULES``):
@@ -880,6 +937,11 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
       direction of the previous moving pair: the sign that makes the inner product of the two
       fields over the patch grid (``p^T gram q``) positive; after a stop it takes the opposite one
       (the probe turned back). The first moving pair gets ``initial_sign``.
+    - ``moves``: a stop of fewer than ``turn_pairs`` pairs is passed over (the pairs on either side
+      agree as neighbours do), and so is a run of fewer than ``min_run_pairs`` moving pairs between
+      longer stops (its pairs get 0, as stops do); after a stop of fewer than ``pause_pairs`` (a turn) as ``continuity``;
+      after a longer one, and at the first moving pair, a move starts: its run of moving pairs takes
+      the direction ``move_signs`` gives the kind of its strongest pair (``move_directions``).
 
     Args:
         plane: [M, 3] canonical fields (``MotionEstimate.plane``); magnitude: [M] mm; gram: [3, 3].
@@ -891,6 +953,12 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
     signs = torch.zeros(len(plane), dtype=torch.float64)
     if rule == SIGN_ZERO:
         return signs
+    if rule == SIGN_MOVES:
+        if not 1 <= turn_pairs < pause_pairs:
+            raise InputError(f"the {SIGN_MOVES!r} sign rule needs 1 <= turn_pairs < pause_pairs, got {turn_pairs} and "
+                             f"{pause_pairs} (a speckle calibration made before the rule existed: calibrate again)")
+        return _orient_moves(plane, magnitude, gram, stop_threshold_mm, turn_pairs, pause_pairs, move_signs,
+                             min_run_pairs)
     # Inner products of each field with the next one; a sequential pass over M floats is cheap.
     moving = (magnitude >= stop_threshold_mm) & (magnitude > 0)
     previous = None
@@ -904,6 +972,74 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
                 sign = -sign
         signs[index] = sign
         previous = index
+    return signs
+
+
+def move_directions(plane: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kind and canonical direction of each field, as the ``moves`` rule sees a move.
+
+    A *tilt* (``MOVE_KINDS[0]``) moves the whole patch grid one way: its mean displacement outweighs
+    the lateral slope's spread over the grid, and its canonical direction is the mean's sign. A
+    *twist* (``MOVE_KINDS[1]``, turning about the probe's axis) moves the two sides of the image
+    opposite ways: the canonical direction is the sign of the lateral slope ``p1``.
+
+    Args:
+        plane: [M, 3] fields ``(p0, p1, p2)``; gram: [3, 3] over the grid (``MotionEstimate.gram``).
+    Returns:
+        ``(kind, direction)``: long [M] indices into ``MOVE_KINDS`` and float64 [M] of +1 or -1.
+    """
+    points = gram[0, 0].clamp_min(1.0)  # gram[0] = sum of (1, x, y) over the grid
+    mean_x = gram[0, 1] / points
+    spread_x = (gram[1, 1] / points - mean_x.square()).clamp_min(0).sqrt()
+    mean_displacement = plane @ gram[0] / points
+    lateral = plane[:, 1] * spread_x
+    twist = lateral.abs() > mean_displacement.abs()
+    direction = torch.where(twist, lateral, mean_displacement)
+    return twist.long(), torch.where(direction < 0, -1.0, 1.0).to(torch.float64)
+
+
+def _moving_runs(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, stop_threshold_mm: float,
+                 turn_pairs: int = 1, min_run_pairs: int = 1) -> list[tuple[list[int], torch.Tensor]]:
+    """Runs of moving pairs with no stop of ``turn_pairs`` or more pairs between them, those of at least
+    ``min_run_pairs`` pairs, in scan order: ``(pair indices, signs)`` where the signs (float64, +1 or
+    -1, the first +1) keep each moving pair's field agreeing with the one before it."""
+    moving = torch.nonzero((magnitude >= stop_threshold_mm) & (magnitude > 0))[:, 0].tolist()
+    runs, current = [], []
+    for index in moving:
+        if current and index - current[-1] - 1 >= turn_pairs:
+            runs.append(current)
+            current = []
+        current.append(index)
+    if current:
+        runs.append(current)
+    result = []
+    for pairs in (run for run in runs if len(run) >= min_run_pairs):
+        # The inner product of each field with the next one decides whether the sign carries on.
+        agree = (plane[pairs[1:]] @ gram * plane[pairs[:-1]]).sum(-1) >= 0
+        steps = torch.where(agree, 1.0, -1.0).to(torch.float64)
+        result.append((pairs, torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(steps, 0)])))
+    return result
+
+
+def _orient_moves(plane, magnitude, gram, stop_threshold_mm: float, turn_pairs: int, pause_pairs: int, move_signs,
+                  min_run_pairs: int = 1, runs=None) -> torch.Tensor:
+    """The ``moves`` rule (``orient_planes``); ``runs``: ``_moving_runs`` already made with ``turn_pairs`` and
+    ``min_run_pairs``."""
+    signs = torch.zeros(len(plane), dtype=torch.float64)
+    kinds, directions = move_directions(plane, gram)
+    if runs is None:
+        runs = _moving_runs(plane, magnitude, gram, stop_threshold_mm, turn_pairs, min_run_pairs)
+    previous = None  # the last pair of the run before
+    for pairs, relative in runs:
+        if previous is None or pairs[0] - previous - 1 >= pause_pairs:  # a move starts
+            strongest = int(torch.argmax(magnitude[pairs]))
+            pair = pairs[strongest]
+            start = move_signs[int(kinds[pair])] * float(directions[pair]) * float(relative[strongest])
+        else:  # a turn: the opposite of where the last run ended
+            agree = float(plane[pairs[0]] @ gram @ plane[previous]) >= 0
+            start = -float(signs[previous]) * (1.0 if agree else -1.0)
+        signs[pairs] = start * relative
+        previous = pairs[-1]
     return signs
 
 
@@ -1000,8 +1136,7 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
     Raises:
         ValueError: bad frames, scale or rule, or a calibration made for another pixel size.
     """
-    if sign_rule not in SIGN_RULES:
-        raise InputError(f"sign rule {sign_rule!r} is not one of {list(SIGN_RULES)}")
+    calibration.check_rule(sign_rule)
     calibration.check_pixel_size(scale)
     start = time.perf_counter()
     frames = _as_frames(frames)
@@ -1010,7 +1145,8 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
     measurements = measure_pairs(frames, scale, calibration.settings)
     estimate = estimate_motion(measurements, None if sign_rule == SIGN_ZERO else calibration)
     signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, sign_rule,
-                          calibration.stop_threshold_mm, calibration.initial_sign)
+                          calibration.stop_threshold_mm, calibration.initial_sign, calibration.turn_pairs,
+                          calibration.pause_pairs, calibration.move_signs, calibration.min_run_pairs)
     local = tf.params_to_matrix(motion_parameters(estimate, signs))
     global_ = tf.chain_local_transforms(local)
     return global_, local, time.perf_counter() - start
@@ -1018,7 +1154,8 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
 
 def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, band_mm: float = 10.0,
               min_samples: int = 100, min_rms_mm: float = 0.1, source: str = "") -> SpeckleCalibration:
-    """Calibrate the decorrelation curve, the stop threshold and the initial sign on training scans.
+    """Calibrate the decorrelation curve, the stop threshold, the initial sign and the ``moves`` rule's pause
+    and move directions on training scans.
 
     Args:
         scans: iterable of ``(frames uint8 [N, H, W], tforms [N, 4, 4])`` (tool -> camera poses);
@@ -1035,7 +1172,8 @@ def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, 
         The stop threshold: among quantiles of the estimated magnitudes, the one minimising the summed
         squared error of the ``continuity`` rule's out-of-plane fields over the patch grid, each scan
         taken in its better overall direction (the direction itself is not observable). The initial
-        sign: the overall direction most training scans need.
+        sign: the overall direction most training scans need. The pause and move directions:
+        ``calibrate_moves``.
     Raises:
         ValueError: no scans, or too few usable patches.
     """
@@ -1068,7 +1206,67 @@ def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, 
         signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, SIGN_CONTINUITY, threshold, 1)
         agree, counted = sign_agreement(estimate.plane * signs[:, None], true_plane, estimate.gram, min_rms_mm)
         votes += int(torch.sign(2 * agree.sum() - counted.sum()))
-    return dataclasses.replace(curve, stop_threshold_mm=float(threshold), initial_sign=-1 if votes < 0 else 1)
+    turn_pairs, min_run_pairs, pause_pairs, move_signs = calibrate_moves(estimates, threshold)
+    return dataclasses.replace(curve, stop_threshold_mm=float(threshold), initial_sign=-1 if votes < 0 else 1,
+                               turn_pairs=turn_pairs, min_run_pairs=min_run_pairs, pause_pairs=pause_pairs,
+                               move_signs=move_signs)
+
+
+def calibrate_moves(estimates, stop_threshold_mm: float, turn_candidates=TURN_CANDIDATES,
+                    min_run_candidates=MIN_RUN_CANDIDATES,
+                    pause_candidates=PAUSE_CANDIDATES) -> tuple[int, int, int, tuple[int, ...]]:
+    """The ``moves`` rule's shortest turn, shortest run, pause and move directions from training scans.
+
+    For each candidate turn, run and pause (pairs), every run that starts a move votes, for its kind, the
+    direction relative to the canonical one that its true fields need (the sign of their inner product
+    with the run's fields as ``_moving_runs`` chains them); the majority per kind is ``move_signs`` (+1
+    on a tie or without votes). The candidates kept are those whose rule, with their own votes, leaves
+    the least squared error of the out-of-plane fields over the patch grid, summed over the scans
+    (the first such in the candidates' order on a tie).
+
+    Args:
+        estimates: ``[(MotionEstimate, true planes [M, 3])]`` of the training scans (``calibrate``).
+        stop_threshold_mm: the stop level (``_best_stop_threshold``).
+    Returns:
+        ``(turn_pairs, min_run_pairs, pause_pairs, move_signs)``.
+    """
+    directions = [move_directions(estimate.plane, estimate.gram) for estimate, _ in estimates]
+    best, best_cost = None, math.inf
+    for turn, min_run in itertools.product(turn_candidates, min_run_candidates):
+        prepared = [(estimate, true_plane, _moving_runs(estimate.plane, estimate.magnitude, estimate.gram,
+                                                        stop_threshold_mm, turn, min_run), kinds)
+                    for (estimate, true_plane), kinds in zip(estimates, directions)]
+        for pause in pause_candidates:
+            if pause <= turn:
+                continue
+            move_signs = _vote_move_signs(prepared, pause)
+            cost = 0.0
+            for estimate, true_plane, runs, _ in prepared:
+                signs = _orient_moves(estimate.plane, estimate.magnitude, estimate.gram, stop_threshold_mm, turn,
+                                      pause, move_signs, runs=runs)
+                error = estimate.plane * signs[:, None] - true_plane
+                cost += float((error @ estimate.gram * error).sum())
+            if best is None or cost < best_cost - 1e-12:
+                best, best_cost = (turn, min_run, pause, move_signs), cost
+    if best is None:
+        raise InputError(f"no pause candidate {list(pause_candidates)} exceeds a turn candidate {list(turn_candidates)}")
+    return best
+
+
+def _vote_move_signs(prepared, pause: int) -> tuple[int, ...]:
+    """``calibrate_moves``' majority direction per kind of the runs that start a move."""
+    votes = [0] * len(MOVE_KINDS)
+    for estimate, true_plane, runs, (kinds, directions) in prepared:
+        previous = None
+        for pairs, relative in runs:
+            if previous is None or pairs[0] - previous - 1 >= pause:
+                chained = estimate.plane[pairs] * relative[:, None]
+                needed = float(torch.sign((chained @ estimate.gram * true_plane[pairs]).sum()))
+                strongest = int(torch.argmax(estimate.magnitude[pairs]))
+                pair = pairs[strongest]
+                votes[int(kinds[pair])] += int(needed * float(relative[strongest]) * float(directions[pair]))
+            previous = pairs[-1]
+    return tuple(-1 if vote < 0 else 1 for vote in votes)
 
 
 def _best_stop_threshold(estimates) -> float:
