@@ -423,7 +423,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
             log.info("calibrated in %.1f s", time.perf_counter() - started)
         curve.save(staging / speckle.CALIBRATION_FILE)
         moves = (f"turns of {curve.turn_pairs}-{curve.pause_pairs - 1} stopped pairs, runs of {curve.min_run_pairs}+ "
-                 f"pairs, move directions "
+                 f"pairs, rocks above {curve.rock_deg:g} deg per pair, move directions "
                  f"{dict(zip(speckle.MOVE_KINDS, curve.move_signs))}" if curve.pause_pairs else "no moves calibration")
         log.info("speckle: depth bands %s mm, sigma %s mm, rho0 %s, stop threshold %.3f mm, initial sign %+d, %s",
                  _numbers(curve.band_edges_mm, 0), _numbers(curve.sigma_mm, 2), _numbers(curve.rho0, 3),

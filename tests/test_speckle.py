@@ -173,7 +173,7 @@ def test_inverted_curve_gives_the_displacement_back():
 def test_calibration_json_round_trip_and_clear_errors(tmp_path):
     calibration = speckle.SpeckleCalibration((0.0, 20.0, 60.0), (0.8, 1.6), (0.95, 0.9), PIXEL_MM,
                                              stop_threshold_mm=0.25, initial_sign=-1, turn_pairs=2, min_run_pairs=3,
-                                             pause_pairs=6, move_signs=(1, -1),
+                                             rock_deg=0.35, pause_pairs=6, move_signs=(1, -1),
                                              samples=(10, 20), num_pairs=7)
     path = calibration.save(tmp_path / "cal.json")
     assert speckle.SpeckleCalibration.load(path) == calibration
@@ -182,7 +182,7 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
                             ({"initial_sign": 0}, "initial_sign"), ({"format_version": 99}, "format_version"),
                             ({"pause_pairs": 2.5}, "pause_pairs"), ({"pause_pairs": -1}, "pause_pairs"),
                             ({"turn_pairs": 0}, "turn_pairs"), ({"turn_pairs": 6}, "must exceed 'turn_pairs'"),
-                            ({"min_run_pairs": 0}, "min_run_pairs"),
+                            ({"min_run_pairs": 0}, "min_run_pairs"), ({"rock_deg": -1}, "rock_deg"),
                             ({"move_signs": [1]}, "move_signs"), ({"move_signs": [1, 0]}, "move_signs"),
                             ({"move_signs": 1}, "move_signs"),
                             ({"settings": {"patch_px": 2}}, "patch_px"), ({"colour": "red"}, "unknown")]:
@@ -199,10 +199,12 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="pixels of"):
         speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE * 2, calibration)
     # A calibration from before the moves rule (no pause) reads, but cannot drive that rule.
-    old = {k: v for k, v in record.items() if k not in ("turn_pairs", "min_run_pairs", "pause_pairs", "move_signs")}
+    old = {k: v for k, v in record.items()
+           if k not in ("turn_pairs", "min_run_pairs", "rock_deg", "pause_pairs", "move_signs")}
     bad.write_text(json.dumps(old))
     before = speckle.SpeckleCalibration.load(bad)
-    assert (before.turn_pairs, before.pause_pairs, before.move_signs) == (1, 0, (1, 1))
+    assert (before.turn_pairs, before.min_run_pairs, before.rock_deg, before.pause_pairs, before.move_signs) == \
+        (1, 1, 0.0, 0, (1, 1))
     before.check_rule(speckle.SIGN_CONTINUITY)
     with pytest.raises(ValueError, match="no 'pause_pairs'.*calibrate again"):
         speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE, before, speckle.SIGN_MOVES)
@@ -322,10 +324,55 @@ def test_calibrate_moves_finds_the_turns_the_pauses_and_the_habit(fan_sign, twis
     canonical, true = habit_scan(fan_sign, twist_sign)
     estimate = speckle.MotionEstimate(torch.zeros(len(true)), torch.zeros(len(true), 2), canonical, rms(canonical),
                                       GRAM)
-    turn, min_run, pause, move_signs = speckle.calibrate_moves([(estimate, true)] * 3, 0.1)
+    rock, turn, min_run, pause, move_signs = speckle.calibrate_moves([(estimate, true)] * 3, 0.1)
     # Flickers of 1 pair, turns of 4-5, pauses of 12: turns from 2 to 4 pairs, pauses from 6 to 12 tell them
     # apart; every run of moving pairs is real (2 pairs or more), so none may be passed over.
     assert 2 <= turn <= 4 and min_run == 1 and 6 <= pause <= 12 and move_signs == expected
+    assert rock == 0.0  # nothing turns in plane here: the first candidate, no gate
+
+
+def test_calibration_cost_of_the_moves_rule_is_the_oriented_fields_error():
+    """``calibrate_moves`` scores candidates from per-run sums; they must equal the error of the fields
+    ``orient_planes`` gives, pair by pair, on noisy fields with stops, flickers and rocks."""
+    generator = torch.Generator().manual_seed(3)
+    count = 400
+    plane = torch.randn(count, 3, generator=generator, dtype=torch.float64) * torch.tensor([0.3, 0.005, 0.02])
+    true = plane * torch.sign(torch.randn(count, 1, generator=generator, dtype=torch.float64)) \
+        + 0.05 * torch.randn(count, 3, generator=generator, dtype=torch.float64)
+    angle = 0.01 * torch.randn(count, generator=generator, dtype=torch.float64)
+    estimate = speckle.MotionEstimate(angle, torch.zeros(count, 2, dtype=torch.float64), plane, rms(plane), GRAM)
+    kinds = speckle.move_directions(plane, GRAM)
+    for rock, turn, min_run, pause, move_signs in [(0.0, 1, 1, 4, (1, 1)), (0.35, 2, 3, 6, (-1, 1)),
+                                                   (0.5, 4, 8, 12, (1, -1))]:
+        summary = speckle._run_summaries(estimate, true, kinds, 0.3, rock, turn, min_run)
+        signs = speckle.orient_planes(plane, speckle.rock_gated(rms(plane), angle, rock), GRAM, speckle.SIGN_MOVES,
+                                      0.3, turn_pairs=turn, pause_pairs=pause, move_signs=move_signs,
+                                      min_run_pairs=min_run)
+        error = plane * signs[:, None] - true
+        assert speckle._moves_cost(summary, pause, move_signs) == pytest.approx(float((error @ GRAM * error).sum()),
+                                                                                rel=1e-9)
+
+
+def test_a_rock_counts_as_stopped_under_the_moves_rule():
+    """A rock turns the plane in itself by ~1 degree per pair; its patches decorrelate and read as
+    out-of-plane motion (here fields of 0.01 y, any direction). Gated, the rock is a pause between two
+    fans, each started the habitual way; ungated, it is taken for a half-swing of the fan."""
+    velocity = [0.02, 0.03, 0.03] + STOP * 2 + [0.01] * 10 + STOP * 2 + [0.03, 0.03]
+    canonical, true = fan_planes(velocity)
+    true[5:15] = 0.0  # the rock has no out-of-plane motion
+    angle = torch.zeros(len(velocity), dtype=torch.float64)
+    angle[5:15] = math.radians(1.0)
+    gated = speckle.rock_gated(rms(canonical), angle, 0.35)
+    assert (gated[5:15] == 0).all() and torch.equal(gated[:5], rms(canonical)[:5])
+    assert torch.equal(speckle.rock_gated(rms(canonical), angle, 0.0), rms(canonical))
+    signs = speckle.orient_planes(canonical, gated, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1, pause_pairs=8)
+    assert signs.tolist() == [1, 1, 1] + [0] * 14 + [1, 1]
+    ungated = speckle.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
+                                    pause_pairs=8)
+    assert ungated[5:15].tolist() == [-1] * 10  # the rock given out-of-plane motion, as the way back
+    estimate = speckle.MotionEstimate(angle, torch.zeros(len(true), 2), canonical, rms(canonical), GRAM)
+    rock, *_ = speckle.calibrate_moves([(estimate, true)] * 2, 0.1)
+    assert 0 < rock < 1.0
 
 
 def test_moves_rule_passes_over_a_run_too_short_to_be_a_swing():

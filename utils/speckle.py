@@ -53,7 +53,9 @@ Speckle is the interference pattern of sub-resolution scatterers fixed to the ti
   ``moves`` keeps that structure but tells stops apart by their length: a stop of fewer than
   ``turn_pairs`` pairs is the magnitude flickering about the stop level as a move speeds up or
   slows down, and changes nothing, nor does a run of fewer than ``min_run_pairs`` moving pairs
-  between stops (it gets no out-of-plane motion); one of fewer than ``pause_pairs`` is where a fan turns back, so
+  between stops (it gets no out-of-plane motion); a pair turning in plane by more than ``rock_deg``
+  counts as stopped (a rock turns the plane within itself, and the square patches, matched by
+  translation only, decorrelate as they rotate: the curve reads that as out-of-plane motion); one of fewer than ``pause_pairs`` is where a fan turns back, so
   the direction reverses as under ``continuity``; a longer one is a pause that ends a move, and the next move starts in the direction moves of its
   kind started in on the training scans (``move_signs``), whatever the last one did. Kinds: a *tilt*
   (fan: the whole image moves one way, the mean displacement dominates) or a *twist* (turning about
@@ -97,6 +99,10 @@ MOVE_KINDS = ("tilt", "twist")  # the ``moves`` rule's kinds of move, in the ord
 # 0.3-1 s and the slow ends of the moves around them).
 TURN_CANDIDATES = (1, 2, 3, 4)
 MIN_RUN_CANDIDATES = (1, 3, 5, 8)  # a half-swing of a fan lasts 0.6 s or more: 12 pairs
+# In-plane turning per pair (degrees) above which a pair counts as rocked, not moved out of plane (0: no
+# such gate). The protocol's rocks peak at about 1 degree per pair, a fan or twist turns the plane in
+# itself by a few hundredths, drift and tremor by about 0.1.
+ROCK_CANDIDATES_DEG = (0.0, 0.2, 0.35, 0.5)
 PAUSE_CANDIDATES = (4, 6, 8, 10, 12, 14, 16, 18, 20, 24, 28, 32)
 
 CALIBRATION_FORMAT_VERSION = 1
@@ -499,6 +505,8 @@ class SpeckleCalibration:
             the majority on the training scans.
         turn_pairs: the ``moves`` rule's shortest turn: shorter stops are ignored (1: none is).
         min_run_pairs: the ``moves`` rule's shortest run of moving pairs: shorter ones are ignored.
+        rock_deg: the ``moves`` rule's in-plane turning per pair (degrees) above which a pair counts
+            as stopped (0: none does).
         pause_pairs: the ``moves`` rule's pause: a stop of at least this many pairs ends a move
             (0: not calibrated, the rule is refused).
         move_signs: the ``moves`` rule's direction of a move's start, per kind (``MOVE_KINDS``), +1
@@ -516,6 +524,7 @@ class SpeckleCalibration:
     initial_sign: int = 1
     turn_pairs: int = 1
     min_run_pairs: int = 1
+    rock_deg: float = 0.0
     pause_pairs: int = 0
     move_signs: tuple[int, int] = (1, 1)
     samples: tuple[int, ...] = ()
@@ -555,6 +564,9 @@ class SpeckleCalibration:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"{where}: {name!r} must be a whole number of pairs >= {low}, got {value!r}")
+        if not (isinstance(self.rock_deg, (int, float)) and not isinstance(self.rock_deg, bool)
+                and math.isfinite(self.rock_deg) and self.rock_deg >= 0):
+            raise InputError(f"{where}: 'rock_deg' must be a finite number of degrees >= 0, got {self.rock_deg!r}")
         if self.pause_pairs and self.pause_pairs <= self.turn_pairs:
             raise InputError(f"{where}: 'pause_pairs' ({self.pause_pairs}) must exceed 'turn_pairs' ({self.turn_pairs})")
         if len(self.move_signs) != len(MOVE_KINDS) or any(isinstance(v, bool) or v not in (1, -1)
@@ -614,7 +626,7 @@ class SpeckleCalibration:
                 values[name] = tuple(float(v) for v in record[name])
             if "samples" in record:
                 values["samples"] = tuple(int(v) for v in record["samples"])
-            for name, kind in (("stop_threshold_mm", float), ("num_pairs", int), ("source", str)):
+            for name, kind in (("stop_threshold_mm", float), ("rock_deg", float), ("num_pairs", int), ("source", str)):
                 if name in record:
                     values[name] = kind(record[name])
         except (TypeError, ValueError) as error:
@@ -998,6 +1010,14 @@ def move_directions(plane: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tens
     return twist.long(), torch.where(direction < 0, -1.0, 1.0).to(torch.float64)
 
 
+def rock_gated(magnitude: torch.Tensor, angle: torch.Tensor, rock_deg: float) -> torch.Tensor:
+    """``magnitude`` [M] with the pairs whose in-plane ``angle`` [M] (radians) exceeds ``rock_deg`` degrees
+    set to 0, so that the ``moves`` rule takes them for stops (``rock_deg`` 0: unchanged)."""
+    if rock_deg <= 0:
+        return magnitude
+    return torch.where(angle.abs() > math.radians(rock_deg), torch.zeros_like(magnitude), magnitude)
+
+
 def _moving_runs(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, stop_threshold_mm: float,
                  turn_pairs: int = 1, min_run_pairs: int = 1) -> list[tuple[list[int], torch.Tensor]]:
     """Runs of moving pairs with no stop of ``turn_pairs`` or more pairs between them, those of at least
@@ -1144,7 +1164,9 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
         raise InputError(f"a scan needs at least 2 frames to predict motion; got {len(frames)}")
     measurements = measure_pairs(frames, scale, calibration.settings)
     estimate = estimate_motion(measurements, None if sign_rule == SIGN_ZERO else calibration)
-    signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, sign_rule,
+    magnitude = rock_gated(estimate.magnitude, estimate.angle, calibration.rock_deg) if sign_rule == SIGN_MOVES \
+        else estimate.magnitude
+    signs = orient_planes(estimate.plane, magnitude, estimate.gram, sign_rule,
                           calibration.stop_threshold_mm, calibration.initial_sign, calibration.turn_pairs,
                           calibration.pause_pairs, calibration.move_signs, calibration.min_run_pairs)
     local = tf.params_to_matrix(motion_parameters(estimate, signs))
@@ -1206,66 +1228,115 @@ def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, 
         signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, SIGN_CONTINUITY, threshold, 1)
         agree, counted = sign_agreement(estimate.plane * signs[:, None], true_plane, estimate.gram, min_rms_mm)
         votes += int(torch.sign(2 * agree.sum() - counted.sum()))
-    turn_pairs, min_run_pairs, pause_pairs, move_signs = calibrate_moves(estimates, threshold)
+    rock_deg, turn_pairs, min_run_pairs, pause_pairs, move_signs = calibrate_moves(estimates, threshold)
     return dataclasses.replace(curve, stop_threshold_mm=float(threshold), initial_sign=-1 if votes < 0 else 1,
-                               turn_pairs=turn_pairs, min_run_pairs=min_run_pairs, pause_pairs=pause_pairs,
-                               move_signs=move_signs)
+                               rock_deg=rock_deg, turn_pairs=turn_pairs, min_run_pairs=min_run_pairs,
+                               pause_pairs=pause_pairs, move_signs=move_signs)
 
 
-def calibrate_moves(estimates, stop_threshold_mm: float, turn_candidates=TURN_CANDIDATES,
-                    min_run_candidates=MIN_RUN_CANDIDATES,
-                    pause_candidates=PAUSE_CANDIDATES) -> tuple[int, int, int, tuple[int, ...]]:
-    """The ``moves`` rule's shortest turn, shortest run, pause and move directions from training scans.
+def calibrate_moves(estimates, stop_threshold_mm: float, rock_candidates=ROCK_CANDIDATES_DEG,
+                    turn_candidates=TURN_CANDIDATES, min_run_candidates=MIN_RUN_CANDIDATES,
+                    pause_candidates=PAUSE_CANDIDATES) -> tuple[float, int, int, int, tuple[int, ...]]:
+    """The ``moves`` rule's rock gate, shortest turn, shortest run, pause and move directions from training
+    scans.
 
-    For each candidate turn, run and pause (pairs), every run that starts a move votes, for its kind, the
-    direction relative to the canonical one that its true fields need (the sign of their inner product
-    with the run's fields as ``_moving_runs`` chains them); the majority per kind is ``move_signs`` (+1
-    on a tie or without votes). The candidates kept are those whose rule, with their own votes, leaves
-    the least squared error of the out-of-plane fields over the patch grid, summed over the scans
-    (the first such in the candidates' order on a tie).
+    For each candidate rock gate (degrees), turn, run and pause (pairs), every run that starts a move
+    votes, for its kind, the direction relative to the canonical one that its true fields need (the
+    sign of their inner product with the run's fields as ``_moving_runs`` chains them); the majority
+    per kind is ``move_signs`` (+1 on a tie or without votes). The candidates kept are those whose
+    rule, with their own votes, leaves the least squared error of the out-of-plane fields over the
+    patch grid, summed over the scans (the first such in the candidates' order on a tie).
 
     Args:
         estimates: ``[(MotionEstimate, true planes [M, 3])]`` of the training scans (``calibrate``).
         stop_threshold_mm: the stop level (``_best_stop_threshold``).
     Returns:
-        ``(turn_pairs, min_run_pairs, pause_pairs, move_signs)``.
+        ``(rock_deg, turn_pairs, min_run_pairs, pause_pairs, move_signs)``.
     """
     directions = [move_directions(estimate.plane, estimate.gram) for estimate, _ in estimates]
     best, best_cost = None, math.inf
-    for turn, min_run in itertools.product(turn_candidates, min_run_candidates):
-        prepared = [(estimate, true_plane, _moving_runs(estimate.plane, estimate.magnitude, estimate.gram,
-                                                        stop_threshold_mm, turn, min_run), kinds)
-                    for (estimate, true_plane), kinds in zip(estimates, directions)]
+    for rock, turn, min_run in itertools.product(rock_candidates, turn_candidates, min_run_candidates):
+        scans = [_run_summaries(estimate, true_plane, kinds, stop_threshold_mm, rock, turn, min_run)
+                 for (estimate, true_plane), kinds in zip(estimates, directions)]
         for pause in pause_candidates:
             if pause <= turn:
                 continue
-            move_signs = _vote_move_signs(prepared, pause)
-            cost = 0.0
-            for estimate, true_plane, runs, _ in prepared:
-                signs = _orient_moves(estimate.plane, estimate.magnitude, estimate.gram, stop_threshold_mm, turn,
-                                      pause, move_signs, runs=runs)
-                error = estimate.plane * signs[:, None] - true_plane
-                cost += float((error @ estimate.gram * error).sum())
-            if best is None or cost < best_cost - 1e-12:
-                best, best_cost = (turn, min_run, pause, move_signs), cost
+            move_signs = _vote_move_signs(scans, pause)
+            cost = sum(_moves_cost(scan, pause, move_signs) for scan in scans)
+            if best is None or cost < best_cost - 1e-9 * max(1.0, abs(best_cost)):
+                best, best_cost = (float(rock), turn, min_run, pause, move_signs), cost
     if best is None:
         raise InputError(f"no pause candidate {list(pause_candidates)} exceeds a turn candidate {list(turn_candidates)}")
     return best
 
 
-def _vote_move_signs(prepared, pause: int) -> tuple[int, ...]:
+@dataclasses.dataclass
+class _RunSummary:
+    """What ``calibrate_moves`` needs of one run of moving pairs: the ``moves`` rule's choices and the
+    field error for either start sign s (``constant - 2 s overlap``), so that candidates are compared
+    without orienting every pair again."""
+
+    gap: int  # stopped pairs before the run (-1: the scan's first run)
+    kind: int  # of its strongest pair (``move_directions``)
+    move_factor: float  # the start sign is move_signs[kind] * move_factor at a move's start
+    turn_factor: float  # ... and -(the last run's start sign) * turn_factor after a turn
+    last_relative: float  # the sign of its last pair relative to its first
+    constant: float  # sum over its pairs of |chained field|^2 + |true field|^2 over the grid
+    overlap: float  # sum over its pairs of <chained field, true field> over the grid
+
+
+def _run_summaries(estimate: MotionEstimate, true_plane: torch.Tensor, kinds, stop_threshold_mm: float, rock: float,
+                   turn: int, min_run: int) -> tuple[float, list[_RunSummary]]:
+    """``(error of the pairs outside every run, [_RunSummary per run])`` of one scan (``calibrate_moves``)."""
+    kind, direction = kinds
+    runs = _moving_runs(estimate.plane, rock_gated(estimate.magnitude, estimate.angle, rock), estimate.gram,
+                        stop_threshold_mm, turn, min_run)
+    gram = estimate.gram
+    true_energy = (true_plane @ gram * true_plane).sum(-1)
+    outside = float(true_energy.sum())
+    summaries, previous = [], None
+    for pairs, relative in runs:
+        chained = estimate.plane[pairs] * relative[:, None]
+        strongest = int(torch.argmax(estimate.magnitude[pairs]))
+        pair = pairs[strongest]
+        turn_factor = 1.0 if previous is None or float(estimate.plane[pairs[0]] @ gram @ estimate.plane[previous]) >= 0 \
+            else -1.0
+        own = float(true_energy[pairs].sum())
+        outside -= own
+        summaries.append(_RunSummary(
+            gap=-1 if previous is None else pairs[0] - previous - 1, kind=int(kind[pair]),
+            move_factor=float(direction[pair]) * float(relative[strongest]), turn_factor=turn_factor,
+            last_relative=float(relative[-1]), constant=float((chained @ gram * chained).sum()) + own,
+            overlap=float((chained @ gram * true_plane[pairs]).sum())))
+        previous = pairs[-1]
+    return outside, summaries
+
+
+def _run_starts(summaries: list[_RunSummary], pause: int, move_signs):
+    """Yield ``(summary, start sign, starts a move)`` for each run, as ``_orient_moves`` decides them."""
+    last_sign = 0.0  # the sign of the last pair of the run before
+    for summary in summaries:
+        move = summary.gap < 0 or summary.gap >= pause
+        start = move_signs[summary.kind] * summary.move_factor if move else -last_sign * summary.turn_factor
+        yield summary, start, move
+        last_sign = start * summary.last_relative
+
+
+def _moves_cost(scan, pause: int, move_signs) -> float:
+    """The ``moves`` rule's squared field error over one scan (``_run_summaries``' output)."""
+    outside, summaries = scan
+    return outside + sum(summary.constant - 2 * start * summary.overlap
+                         for summary, start, _ in _run_starts(summaries, pause, move_signs))
+
+
+def _vote_move_signs(scans, pause: int) -> tuple[int, ...]:
     """``calibrate_moves``' majority direction per kind of the runs that start a move."""
     votes = [0] * len(MOVE_KINDS)
-    for estimate, true_plane, runs, (kinds, directions) in prepared:
-        previous = None
-        for pairs, relative in runs:
-            if previous is None or pairs[0] - previous - 1 >= pause:
-                chained = estimate.plane[pairs] * relative[:, None]
-                needed = float(torch.sign((chained @ estimate.gram * true_plane[pairs]).sum()))
-                strongest = int(torch.argmax(estimate.magnitude[pairs]))
-                pair = pairs[strongest]
-                votes[int(kinds[pair])] += int(needed * float(relative[strongest]) * float(directions[pair]))
-            previous = pairs[-1]
+    for _, summaries in scans:
+        for summary, _, move in _run_starts(summaries, pause, (1,) * len(MOVE_KINDS)):
+            if move:
+                needed = (summary.overlap > 0) - (summary.overlap < 0)
+                votes[summary.kind] += int(needed * summary.move_factor)
     return tuple(-1 if vote < 0 else 1 for vote in votes)
 
 
