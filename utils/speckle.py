@@ -50,20 +50,23 @@ Speckle is the interference pattern of sub-resolution scatterers fixed to the ti
   decorrelate identically); it is the majority direction of the training scans relative to a
   canonical one (positive mean elevational displacement), so on data whose first move goes either
   way (the simulator draws it at random) the rule is right or wrong as a whole, scan by scan.
-  ``moves`` keeps that structure but tells stops apart by their length: a stop of fewer than
-  ``turn_pairs`` pairs is the magnitude flickering about the stop level as a move speeds up or
-  slows down, and changes nothing, nor does a run of fewer than ``min_run_pairs`` moving pairs
-  between stops (it gets no out-of-plane motion); a pair turning in plane by more than ``rock_deg``
-  counts as stopped (a rock turns the plane within itself, and the square patches, matched by
-  translation only, decorrelate as they rotate: the curve reads that as out-of-plane motion); one of fewer than ``pause_pairs`` is where a fan turns back, so
-  the direction reverses as under ``continuity``; a longer one is a pause that ends a move, and the next move starts in the direction moves of its
-  kind started in on the training scans (``move_signs``), whatever the last one did. Kinds: a *tilt*
-  (fan: the whole image moves one way, the mean displacement dominates) or a *twist* (turning about
-  the probe's axis: the two sides of the image move opposite ways, the lateral slope dominates).
-  Mistakes then last one move at most, and a fan mirrored as a whole swings back to where it started
-  (``oop_headroom.py``: right per move 80 % of the time is worth more than 90 % in runs of 50 pairs).
-  The move's direction is a prior learned from the training scans: it is only as good as the
-  operators' habit (``simulate.py --habit``); without one it is a coin per move.
+  ``moves`` keeps that structure but reads the scan as a sequence of *moves* (a fan, a twist about
+  the probe's axis), each swinging back and forth, and tells stops apart by their length. A run of
+  fewer than ``min_run_pairs`` moving pairs is the magnitude flickering about the stop level as a
+  move speeds up, slows down or turns, and is passed over (no out-of-plane motion); a stop of fewer
+  than ``turn_pairs`` pairs between the runs left changes nothing; a pair turning in plane by more
+  than ``rock_deg`` counts as stopped (a rock turns the plane within itself, and the square
+  patches, matched by translation only, decorrelate as they rotate: the curve reads that as
+  out-of-plane motion). A stop of fewer than ``pause_pairs`` is where a fan turns back, so the
+  direction reverses as under ``continuity``; a longer one is a pause, and there, and where the
+  kind of move changes, a new move starts in the direction moves of its kind started in on the
+  training scans (``move_signs``), whatever the last one did. Kinds: a *tilt* (fan: the whole image
+  moves one way, the mean displacement dominates) or a *twist* (the two sides of the image move
+  opposite ways, the lateral slope dominates). A mistake then lasts one move at most, and a fan
+  mirrored as a whole swings back to where it started (``oop_headroom.py``: right per move 80 % of
+  the time is worth more than 90 % in runs of 50 pairs). The move's direction is a prior learned
+  from the training scans: it is only as good as the operators' habit (``simulate.py --habit``);
+  without one it is a coin per move.
 
 Conventions (``utils.transform``, DESIGN.md section 2): image mm ``x = column * S[0, 0]``,
 ``y = row * S[1, 1]``, ``z = 0`` with pixels counted from 1; the local transform of frame i is
@@ -949,11 +952,12 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
       direction of the previous moving pair: the sign that makes the inner product of the two
       fields over the patch grid (``p^T gram q``) positive; after a stop it takes the opposite one
       (the probe turned back). The first moving pair gets ``initial_sign``.
-    - ``moves``: a stop of fewer than ``turn_pairs`` pairs is passed over (the pairs on either side
-      agree as neighbours do), and so is a run of fewer than ``min_run_pairs`` moving pairs between
-      longer stops (its pairs get 0, as stops do); after a stop of fewer than ``pause_pairs`` (a turn) as ``continuity``;
-      after a longer one, and at the first moving pair, a move starts: its run of moving pairs takes
-      the direction ``move_signs`` gives the kind of its strongest pair (``move_directions``).
+    - ``moves``: a run of fewer than ``min_run_pairs`` moving pairs is passed over (its pairs get 0,
+      as stops do), and so is a stop of fewer than ``turn_pairs`` pairs between the runs left (the
+      pairs on either side agree as neighbours do); after a stop of fewer than ``pause_pairs`` (a
+      turn) as ``continuity``; after a longer one, where the kind of move changes, and at the first
+      run, a move starts: its run takes the direction ``move_signs`` gives the kind of its strongest
+      pair (``move_directions``).
 
     Args:
         plane: [M, 3] canonical fields (``MotionEstimate.plane``); magnitude: [M] mm; gram: [3, 3].
@@ -1020,20 +1024,30 @@ def rock_gated(magnitude: torch.Tensor, angle: torch.Tensor, rock_deg: float) ->
 
 def _moving_runs(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, stop_threshold_mm: float,
                  turn_pairs: int = 1, min_run_pairs: int = 1) -> list[tuple[list[int], torch.Tensor]]:
-    """Runs of moving pairs with no stop of ``turn_pairs`` or more pairs between them, those of at least
-    ``min_run_pairs`` pairs, in scan order: ``(pair indices, signs)`` where the signs (float64, +1 or
-    -1, the first +1) keep each moving pair's field agreeing with the one before it."""
+    """Runs of moving pairs in scan order: ``(pair indices, signs)`` where the signs (float64, +1 or -1,
+    the first +1) keep each moving pair's field agreeing with the one before it.
+
+    Consecutive moving pairs form runs; runs of fewer than ``min_run_pairs`` pairs are dropped first
+    (so that the flicker about the stop level where a fan turns back cannot bridge the turn), then
+    runs fewer than ``turn_pairs`` stopped pairs apart are joined.
+    """
     moving = torch.nonzero((magnitude >= stop_threshold_mm) & (magnitude > 0))[:, 0].tolist()
-    runs, current = [], []
+    pieces, current = [], []
     for index in moving:
-        if current and index - current[-1] - 1 >= turn_pairs:
-            runs.append(current)
+        if current and index > current[-1] + 1:
+            pieces.append(current)
             current = []
         current.append(index)
     if current:
-        runs.append(current)
+        pieces.append(current)
+    runs = []
+    for piece in (piece for piece in pieces if len(piece) >= min_run_pairs):
+        if runs and piece[0] - runs[-1][-1] - 1 < turn_pairs:
+            runs[-1] = runs[-1] + piece
+        else:
+            runs.append(piece)
     result = []
-    for pairs in (run for run in runs if len(run) >= min_run_pairs):
+    for pairs in runs:
         # The inner product of each field with the next one decides whether the sign carries on.
         agree = (plane[pairs[1:]] @ gram * plane[pairs[:-1]]).sum(-1) >= 0
         steps = torch.where(agree, 1.0, -1.0).to(torch.float64)
@@ -1049,17 +1063,19 @@ def _orient_moves(plane, magnitude, gram, stop_threshold_mm: float, turn_pairs: 
     kinds, directions = move_directions(plane, gram)
     if runs is None:
         runs = _moving_runs(plane, magnitude, gram, stop_threshold_mm, turn_pairs, min_run_pairs)
-    previous = None  # the last pair of the run before
+    previous, previous_kind = None, None  # the last pair of the run before, and that run's kind
     for pairs, relative in runs:
-        if previous is None or pairs[0] - previous - 1 >= pause_pairs:  # a move starts
-            strongest = int(torch.argmax(magnitude[pairs]))
-            pair = pairs[strongest]
-            start = move_signs[int(kinds[pair])] * float(directions[pair]) * float(relative[strongest])
+        strongest = int(torch.argmax(magnitude[pairs]))
+        pair = pairs[strongest]
+        kind = int(kinds[pair])
+        # A move starts after a pause, and where the kind changes: a fan does not turn back as a twist.
+        if previous is None or pairs[0] - previous - 1 >= pause_pairs or kind != previous_kind:
+            start = move_signs[kind] * float(directions[pair]) * float(relative[strongest])
         else:  # a turn: the opposite of where the last run ended
             agree = float(plane[pairs[0]] @ gram @ plane[previous]) >= 0
             start = -float(signs[previous]) * (1.0 if agree else -1.0)
         signs[pairs] = start * relative
-        previous = pairs[-1]
+        previous, previous_kind = pairs[-1], kind
     return signs
 
 
@@ -1314,12 +1330,12 @@ def _run_summaries(estimate: MotionEstimate, true_plane: torch.Tensor, kinds, st
 
 def _run_starts(summaries: list[_RunSummary], pause: int, move_signs):
     """Yield ``(summary, start sign, starts a move)`` for each run, as ``_orient_moves`` decides them."""
-    last_sign = 0.0  # the sign of the last pair of the run before
+    last_sign, last_kind = 0.0, None  # the sign of the last pair of the run before, and that run's kind
     for summary in summaries:
-        move = summary.gap < 0 or summary.gap >= pause
+        move = summary.gap < 0 or summary.gap >= pause or summary.kind != last_kind
         start = move_signs[summary.kind] * summary.move_factor if move else -last_sign * summary.turn_factor
         yield summary, start, move
-        last_sign = start * summary.last_relative
+        last_sign, last_kind = start * summary.last_relative, summary.kind
 
 
 def _moves_cost(scan, pause: int, move_signs) -> float:
