@@ -1192,8 +1192,8 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
 
 def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, band_mm: float = 10.0,
               min_samples: int = 100, min_rms_mm: float = 0.1, source: str = "") -> SpeckleCalibration:
-    """Calibrate the decorrelation curve, the stop threshold, the initial sign and the ``moves`` rule's pause
-    and move directions on training scans.
+    """Calibrate the decorrelation curve, the stop threshold, the initial sign and the ``moves`` rule's
+    settings on training scans.
 
     Args:
         scans: iterable of ``(frames uint8 [N, H, W], tforms [N, 4, 4])`` (tool -> camera poses);
@@ -1210,8 +1210,8 @@ def calibrate(scans, scale, calib_r_t, settings: SpeckleSettings | None = None, 
         The stop threshold: among quantiles of the estimated magnitudes, the one minimising the summed
         squared error of the ``continuity`` rule's out-of-plane fields over the patch grid, each scan
         taken in its better overall direction (the direction itself is not observable). The initial
-        sign: the overall direction most training scans need. The pause and move directions:
-        ``calibrate_moves``.
+        sign: the overall direction most training scans need. The ``moves`` rule's rock gate, turn,
+        run and pause lengths and move directions: ``calibrate_moves``.
     Raises:
         ValueError: no scans, or too few usable patches.
     """
