@@ -97,8 +97,7 @@ def check_arguments(args) -> None:
 def direction_draws(num_pairs: int, accuracy: float, block: int, rng: np.random.Generator) -> torch.Tensor:
     """[num_pairs] float64: +1 where a pair's direction is right, -1 where reversed; one draw per
     ``block`` consecutive pairs, right with probability ``accuracy``."""
-    right = rng.random(-(-num_pairs // block)) < accuracy
-    return torch.from_numpy(np.repeat(np.where(right, 1.0, -1.0), block)[:num_pairs])
+    return segment_draws(np.arange(num_pairs) // block, accuracy, rng)
 
 
 def move_segments(local: torch.Tensor) -> np.ndarray:
