@@ -22,9 +22,8 @@ parameters mirrors its transform through the image plane (``M T M`` with ``M = d
   direction with probability p, its turns kept: what a model would do that tells where a move starts
   and ends and where it turns, and only guesses which way the move as a whole went. A fan swings back
   to where it started, so a whole fan mirrored leaves no error after it; a quarter turn does not
-  return, so its mistake lasts. Moves are found in the true motion (``move_segments``): stretches
-  where the out-of-plane turning, smoothed over a few pairs, exceeds ``MOVE_SPEED_DEG`` per pair,
-  joined across stillness shorter than ``MOVE_MERGE_PAIRS`` (a turn, not a pause); each stretch
+  return, so its mistake lasts. Moves are found in the true motion (``utils.moves.move_segments``):
+  stretches of out-of-plane turning, joined across stillness shorter than a pause; each stretch
   between moves (a pause, a rock, which turns the plane within itself, the hand's drift) is a
   segment of its own with one draw.
 
@@ -47,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.ndimage import gaussian_filter1d
 from tqdm import tqdm
 
 from utils import transform as tf
@@ -57,20 +55,11 @@ from utils.cli import run_cli
 from utils.errors import InputError
 from utils.evaluation import score_transforms, true_transforms
 from utils.metrics import write_csv
+from utils.moves import move_segments
 from utils.training_data import resolve_data_root
 
 log = logging.getLogger("oop_headroom")
 ERRORS = ("GPE", "GLE", "LPE", "LLE")
-# Moves in the true motion of a 20 fps scan (``move_segments``). The simulated protocol's fans peak at
-# 1-3 degrees per pair and its quarter turns at 4-5; at rest, drift and tremor turn the plane by a
-# median 0.04-0.09 degrees per pair once smoothed (the 6 scans of data/sim2025_test).
-MOVE_SMOOTHING_PAIRS = 2.0  # Gaussian sigma (pairs): tremor, aliased at 20 fps, averages out
-MOVE_SPEED_DEG = 0.2  # smoothed out-of-plane turning per pair above which the probe is moving (4 deg/s)
-MOVE_PEAK_DEG = 0.5  # a move peaks above this; a stretch that does not is the hand's drift
-# Stillness shorter than this is a turn within a move (a minimum-jerk swing slows below
-# MOVE_SPEED_DEG for about 6 pairs at each turn); the protocol's pauses last 6-20 frames and the
-# moves slow down into them, so a short pause may join two moves: harmless, they then share a draw.
-MOVE_MERGE_PAIRS = 12
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,27 +87,6 @@ def direction_draws(num_pairs: int, accuracy: float, block: int, rng: np.random.
     """[num_pairs] float64: +1 where a pair's direction is right, -1 where reversed; one draw per
     ``block`` consecutive pairs, right with probability ``accuracy``."""
     return segment_draws(np.arange(num_pairs) // block, accuracy, rng)
-
-
-def move_segments(local: torch.Tensor) -> np.ndarray:
-    """[N] int64: for each pair of the local transforms [N, 4, 4], the number of its segment (0, 1, ...
-    in order), a segment being a move or a stretch between two moves (module docstring)."""
-    angles = tf.matrix_to_params(local)[:, [1, 2]].numpy()  # a_Y, a_X: the out-of-plane turning
-    speed = np.degrees(np.hypot(*gaussian_filter1d(angles, MOVE_SMOOTHING_PAIRS, axis=0, mode="nearest").T))
-    moving = np.flatnonzero(speed > MOVE_SPEED_DEG)
-    moves = []  # [start, end) pairs
-    for run in np.split(moving, np.flatnonzero(np.diff(moving) > 1) + 1) if len(moving) else []:
-        start, end = int(run[0]), int(run[-1]) + 1
-        if speed[start:end].max() <= MOVE_PEAK_DEG:
-            continue
-        if moves and start - moves[-1][1] < MOVE_MERGE_PAIRS:
-            moves[-1][1] = end
-        else:
-            moves.append([start, end])
-    boundaries = sorted({b for move in moves for b in move} - {0, len(local)})
-    segments = np.zeros(len(local), dtype=np.int64)
-    segments[boundaries] = 1
-    return np.cumsum(segments)
 
 
 def segment_draws(segments: np.ndarray, accuracy: float, rng: np.random.Generator) -> torch.Tensor:

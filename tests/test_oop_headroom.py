@@ -11,6 +11,7 @@ import oop_headroom
 from utils.calibration import write_calib_matrices
 from utils.challenge_data import write_scan
 from utils.errors import InputError
+from test_moves import swing_increments
 
 HEIGHT, WIDTH, PIXEL_MM, STEP_RAD, FRAMES = 8, 10, 0.5, 0.03, 6
 
@@ -77,53 +78,6 @@ def test_bad_arguments_are_refused_before_anything_is_written(fan_data, tmp_path
     with pytest.raises(InputError, match=message):
         oop_headroom.main(["--data_path", str(fan_data), "--out", str(tmp_path / "out"), *argv])
     assert not (tmp_path / "out").exists()
-
-
-def swing_increments(amplitude_deg: float, half_cycle_pairs: int, half_swings: int) -> np.ndarray:
-    """Per-pair a_X (rad) of a fan 0 -> +A -> -A ... -> 0 by minimum-jerk moves (the simulator's swing,
-    written out again here): ``half_swings`` moves of 2A between the ends, half a move at each end."""
-    def move(start, end, pairs):
-        s = np.linspace(0, 1, pairs + 1)
-        angle = start + (end - start) * (10 * s ** 3 - 15 * s ** 4 + 6 * s ** 5)
-        return np.diff(angle)
-    targets = [0.0, amplitude_deg] + [(-1) ** k * -amplitude_deg for k in range(half_swings)] + [0.0]
-    parts = [move(a, b, half_cycle_pairs // (2 if k in (0, len(targets) - 2) else 1))
-             for k, (a, b) in enumerate(zip(targets[:-1], targets[1:]))]
-    return np.radians(np.concatenate(parts))
-
-
-def local_from_a_x(a_x: np.ndarray):
-    import torch
-    from utils import transform as tf
-    params = torch.zeros(len(a_x), 6, dtype=torch.float64)
-    params[:, 2] = torch.from_numpy(a_x)
-    return tf.params_to_matrix(params)
-
-
-def test_move_segments_keep_a_fan_with_its_turns_whole_and_split_at_pauses():
-    fan = swing_increments(20.0, 30, 3)  # peaks ~2.5 degrees per pair; speed ~0 at each of its 4 turns
-    drift = np.radians(0.3 * np.sin(np.linspace(0, np.pi, 12)))  # a hand's slow wander: no move
-    still = np.zeros(30)
-    a_x = np.concatenate([still, fan, still, drift, still, fan, still])
-    segments = oop_headroom.move_segments(local_from_a_x(a_x))
-    first_fan = slice(30, 30 + len(fan))
-    second_fan = slice(30 + len(fan) + 72, 30 + 2 * len(fan) + 72)
-    assert segments.tolist() == sorted(segments.tolist()) and segments[0] == 0
-    assert segments.max() == 4  # still, fan, still (with the drift), fan, still
-    fast = np.abs(np.degrees(a_x)) > 0.5
-    for fan_pairs in (first_fan, second_fan):
-        assert len(np.unique(segments[fan_pairs][fast[fan_pairs]])) == 1  # the turns do not split it
-    assert segments[first_fan][fast[first_fan]][0] == 1 and segments[second_fan][fast[second_fan]][0] == 3
-    assert (segments[30 + len(fan) + 20: 30 + len(fan) + 60] == 2).all()  # the drift is no move
-
-
-def test_moves_closer_than_a_pause_share_a_segment():
-    fan = swing_increments(20.0, 30, 1)
-    near = np.concatenate([np.zeros(30), fan, np.zeros(oop_headroom.MOVE_MERGE_PAIRS - 8), fan, np.zeros(30)])
-    far = np.concatenate([np.zeros(30), fan, np.zeros(oop_headroom.MOVE_MERGE_PAIRS + 20), fan, np.zeros(30)])
-    assert oop_headroom.move_segments(local_from_a_x(near)).max() == 2
-    assert oop_headroom.move_segments(local_from_a_x(far)).max() == 4
-    assert oop_headroom.move_segments(local_from_a_x(np.zeros(50))).tolist() == [0] * 50
 
 
 def test_segment_draws_share_one_draw_per_segment_and_are_right_as_often_as_asked():

@@ -416,7 +416,9 @@ class ScanResult:
         ddf_s: seconds to produce the four predicted DDFs, NaN where they were not produced.
         batch_size: windows per forward pass used.
         extra_columns: method-specific figures appended to the scan's row of ``scores.csv`` (e.g. the
-            speckle method's out-of-plane sign counts).
+            out-of-plane sign counts).
+        move_sign_counts: int64 [S, 2] or None: per move of the true motion (``utils.moves``), the pairs
+            given the right out-of-plane direction and those given one (for the accuracy's interval).
     """
 
     ref: ScanRef
@@ -436,6 +438,7 @@ class ScanResult:
     ddf_s: float = math.nan
     batch_size: int = 0
     extra_columns: dict = dataclasses.field(default_factory=dict)
+    move_sign_counts: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:

@@ -1115,25 +1115,33 @@ def image_gram(scale, height: int, width: int, grid: int = 3) -> torch.Tensor:
     return u @ u.T
 
 
-def out_of_plane_sign_accuracy(local_pred, local_true, scale, height: int, width: int,
-                               min_rms_mm: float = 0.1) -> tuple[int, int, int]:
-    """Pairs whose predicted out-of-plane direction is right, over the image (a 3 x 3 point lattice).
+def out_of_plane_sign_pairs(local_pred, local_true, scale, height: int, width: int,
+                            min_rms_mm: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pair's out-of-plane direction judged over the image (a 3 x 3 point lattice).
 
     Args:
         local_pred, local_true: [M, 4, 4] ``T_{i-1<-i}`` (image mm).
         scale: ``S``; height, width: the frame size (pixels).
         min_rms_mm: see ``sign_agreement``.
     Returns:
-        ``(agreeing, counted, moving)`` pair counts: ``moving`` pairs have more than ``min_rms_mm``
+        ``(agreeing, counted, moving)``: bool [M] each. ``moving`` pairs have more than ``min_rms_mm``
         of true out-of-plane motion, ``counted`` ones of them were given a direction, ``agreeing``
-        ones got it right. The accuracy is ``agreeing / counted`` (undefined when nothing is
-        counted, e.g. for the ``zero`` rule, which gives no direction).
+        ones got it right.
     """
     gram = image_gram(scale, height, width)
     plane_true = plane_of_transforms(torch.as_tensor(local_true, dtype=torch.float64))
     agree, counted = sign_agreement(plane_of_transforms(torch.as_tensor(local_pred, dtype=torch.float64)),
                                     plane_true, gram, min_rms_mm)
     _, moving = sign_agreement(plane_true, plane_true, gram, min_rms_mm)
+    return agree, counted, moving
+
+
+def out_of_plane_sign_accuracy(local_pred, local_true, scale, height: int, width: int,
+                               min_rms_mm: float = 0.1) -> tuple[int, int, int]:
+    """``(agreeing, counted, moving)`` pair counts of ``out_of_plane_sign_pairs``. The accuracy is
+    ``agreeing / counted`` (undefined when nothing is counted, e.g. for the ``zero`` rule, which gives
+    no direction)."""
+    agree, counted, moving = out_of_plane_sign_pairs(local_pred, local_true, scale, height, width, min_rms_mm)
     return int(agree.sum()), int(counted.sum()), int(moving.sum())
 
 
