@@ -28,12 +28,13 @@ each scan, or read from ``--speckle_calibration``) and written into the output f
 ``speckle_calibration.json``.
 ``--speckle_sign`` chooses how the out-of-plane direction, which decorrelation does not give, is
 set (``zero``: not predicted, the default; ``continuity``: kept from pair to pair, reversed at each stop;
-``moves``: reversed at a turn, and at the start of each move the direction moves of its kind started
-in on the training scans, ``utils.speckle``); ``scores.csv`` then also counts the pairs that truly move
-out of plane (``oop_moving_pairs``, more than 0.1 mm RMS over the image), those of them given a
-direction (``oop_sign_counted``), those given the right one (``oop_sign_agree``) and the moves of the
-true motion holding them (``oop_moves``, ``utils.moves``); ``tables.txt`` gives the accuracy with a 95 %
-interval from resampling whole moves, since the pairs of one move are not independent trials. Scored exactly
+``moves``: reversed at a turn, a short stop that the frames on either side confirm, and at the start
+of each move the direction moves of its kind started in on the training scans, ``utils.speckle``);
+``scores.csv`` then also counts the pairs that truly move out of plane (``oop_moving_pairs``, more
+than 0.1 mm RMS over the image), those of them given a direction (``oop_sign_counted``), those given
+the right one (``oop_sign_agree``) and the moves of the true motion holding them (``oop_moves``,
+``utils.moves``); ``tables.txt`` gives the accuracy with a 95 % interval from resampling whole moves,
+since the pairs of one move are not independent trials. Scored exactly
 like the network: same tables, files and plots.
 
 Output folder (default ``<checkpoint's folder>/generate-<split>[-<dataset>]/``, for the speckle
@@ -464,7 +465,7 @@ def sign_report(table: pd.DataFrame, results: list, whose: str) -> str:
         per_move = np.concatenate([result.move_sign_counts for result in results])
         low, high = moves.sign_accuracy_interval(per_move[:, 0], per_move[:, 1])
         accuracy = (f"{agree / counted:.3f} ({agree} of the {counted} pairs given a direction; "
-                    f"{moves.INTERVAL_CONFIDENCE:.0%} interval {low:.3f}-{high:.3f} from resampling the "
+                    f"{moves.INTERVAL_CONFIDENCE * 100:g} % interval {low:.3f}-{high:.3f} from resampling the "
                     f"{num_moves} moves holding them)")
     else:
         accuracy = "not defined: no direction is predicted"

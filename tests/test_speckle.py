@@ -366,6 +366,10 @@ def test_a_rock_counts_as_stopped_under_the_moves_rule():
     gated = speckle.rock_gated(rms(canonical), angle, 0.35)
     assert (gated[5:15] == 0).all() and torch.equal(gated[:5], rms(canonical)[:5])
     assert torch.equal(speckle.rock_gated(rms(canonical), angle, 0.0), rms(canonical))
+    # The hand's tremor turns the plane in itself by as much, but back and forth from pair to pair:
+    # a fan with it is no rock.
+    tremor = torch.full((len(velocity),), math.radians(0.6)) * torch.tensor([(-1.0) ** i for i in range(len(velocity))])
+    assert torch.equal(speckle.rock_gated(rms(canonical), tremor.double(), 0.35), rms(canonical))
     signs = speckle.orient_planes(canonical, gated, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1, pause_pairs=8)
     assert signs.tolist() == [1, 1, 1] + [0] * 14 + [1, 1]
     ungated = speckle.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
@@ -386,6 +390,26 @@ def test_moves_rule_passes_over_a_run_too_short_to_be_a_swing():
     assert kept.tolist() == [1, 1, 1] + [0] * 11 + [-1, -1]
     taken = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20)
     assert taken.tolist() == [1, 1, 1] + [0] * 5 + [-1] + [0] * 5 + [1, 1]  # the lone pair taken for a turn
+
+
+def test_a_turn_is_judged_by_whole_runs_not_by_their_noisy_end_pairs():
+    """Where a fan turns, the pairs on either side move least and their fields are the noisiest: here the
+    last pair of one half-swing and the first of the next carry a lateral slope (0.85 of the tilt's)
+    of opposite signs, so that each agrees with the tilts of its own run but the two disagree with each
+    other. Compared by themselves they make the turn look like going on; the runs' sums do not."""
+    v, a = 0.03, 0.85 * 0.03
+    tilt = torch.tensor([0.0, 0.0, v], dtype=torch.float64)
+    last = 0.5 * torch.tensor([0.0, a, v], dtype=torch.float64)  # true: the first half-swing's direction
+    first = 0.5 * torch.tensor([0.0, a, -v], dtype=torch.float64)  # true: the second's (canonical: positive at x 40, y 30)
+    stop = torch.tensor([0.0, 0.0, 0.001], dtype=torch.float64)
+    canonical = torch.stack([tilt] * 3 + [last] + [stop] * 5 + [first] + [tilt] * 3)
+    true = torch.stack([tilt] * 3 + [last] + [stop] * 5 + [first] + [-tilt] * 3)
+    assert float(last @ GRAM @ tilt) > 0 and float(first @ GRAM @ tilt) < 0 and float(last @ GRAM @ first) > 0
+    signs = speckle.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
+                                  pause_pairs=8)
+    moving = rms(canonical) >= 0.1
+    oriented = canonical * signs[:, None]
+    assert torch.allclose(oriented[moving], true[moving]) and (signs[~moving] == 0).all()
 
 
 def test_sign_accuracy_counts_pairs_over_the_image():
@@ -507,3 +531,71 @@ def test_generate_ddf_bad_input_gives_one_clear_error(tiny5_root, tmp_path):
                            str(malformed), "--out", str(tmp_path / "out")])
     assert str(malformed) in str(error.value)
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+# --------------------------------------------------------------------------------------------
+# The moves rule's test of a turn, on speckle that decorrelates out of plane
+# --------------------------------------------------------------------------------------------
+
+
+ELEVATION_SIGMA_MM, ELEVATION_STEP_MM = 0.15, 0.025  # the beam's elevational profile, and its sampling
+
+
+@pytest.fixture(scope="module")
+def elevational_speckle():
+    """``frame_at(z)``: uint8 160 x 240 frames of one tissue seen by a plane moved z mm out of plane.
+
+    Independent complex speckle layers every ELEVATION_STEP_MM, summed under a Gaussian elevational
+    profile of standard deviation ELEVATION_SIGMA_MM: two planes dz apart share layers in proportion
+    to exp(-dz^2 / (4 sigma^2)), so their envelopes correlate as about exp(-dz^2 / (2 sigma^2)).
+    """
+    height, width = 160, 240
+    depths = np.arange(-0.8, 3.2, ELEVATION_STEP_MM)
+    layers = np.stack([speckle_field(height, width, seed=100 + j) for j in range(len(depths))]).astype(np.complex64)
+
+    def frame_at(z: float) -> np.ndarray:
+        weights = np.exp(-(depths - z) ** 2 / (2 * ELEVATION_SIGMA_MM ** 2)).astype(np.float32)
+        envelope = np.abs(np.tensordot(weights, layers, axes=1))
+        decibels = 20 * np.log10(envelope / np.median(envelope) + 1e-6)
+        return np.clip(128 + 255 * decibels / 60, 0, 255).astype(np.uint8)
+
+    # The curve, from pairs at known distances (a uniform field: every patch moves by dz).
+    steps = np.array([0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+    frames = np.stack([frame_at(z) for step in steps for z in (0.0, step)])
+    measured = speckle.measure_pairs(frames, SCALE, moving=range(1, len(frames), 2))
+    distance = torch.as_tensor(steps, dtype=torch.float64)[:, None].expand_as(measured.peak)
+    sigma, rho0 = speckle.fit_decorrelation_curve(measured.peak[measured.usable], distance[measured.usable])
+    curve = speckle.SpeckleCalibration((0.0, 1000.0), (sigma,), (rho0,), PIXEL_MM, stop_threshold_mm=0.03,
+                                       turn_pairs=1, pause_pairs=12, min_run_pairs=3)
+    return frame_at, curve
+
+
+def moves_of(frame_at, positions, curve):
+    """The ``moves`` rule's signs and turn verdicts for frames at elevational ``positions`` (mm)."""
+    frames = np.stack([frame_at(z) for z in positions])
+    estimate = speckle.estimate_motion(speckle.measure_pairs(frames, SCALE, curve.settings), curve)
+    runs = speckle._moving_runs(estimate.plane, estimate.magnitude, estimate.gram, curve.stop_threshold_mm,
+                                curve.turn_pairs, curve.min_run_pairs)
+    verdicts = speckle.turn_verdicts(frames, SCALE, estimate, estimate.magnitude, runs, curve)
+    return speckle.orient_moves(frames, SCALE, estimate, curve), runs, verdicts
+
+
+def test_turn_test_tells_a_fan_that_turned_back_from_one_that_went_on(elevational_speckle):
+    frame_at, curve = elevational_speckle
+    assert 0.1 < curve.sigma_mm[0] < 0.25  # the layers' profile, measured back (about ELEVATION_SIGMA_MM)
+    forward = list(np.arange(0.0, 1.2, 0.1))  # 0.1 mm per pair: well above the stop level
+    stop = [1.2] * 5  # four pairs without motion: shorter than a pause, so a turn unless tested
+    back = list(1.2 - np.arange(0.1, 1.25, 0.1))
+    on = list(1.2 + np.arange(0.1, 1.25, 0.1))
+    for after, goes_on in ((back, False), (on, True)):
+        signs, runs, verdicts = moves_of(frame_at, forward + stop + after, curve)
+        assert len(runs) == 2 and verdicts == ({1} if goes_on else set())
+        first, second = signs[runs[0][0]], signs[runs[1][0]]
+        assert (first == first[0]).all() and (second == second[0]).all()  # a uniform field chains exactly
+        assert second[0] == (first[0] if goes_on else -first[0])
+    # The rule without the frames takes every short stop for a turn.
+    frames = np.stack([frame_at(z) for z in forward + stop + on])
+    estimate = speckle.estimate_motion(speckle.measure_pairs(frames, SCALE, curve.settings), curve)
+    blind = speckle.orient_planes(estimate.plane, estimate.magnitude, estimate.gram, speckle.SIGN_MOVES,
+                                  curve.stop_threshold_mm, turn_pairs=1, pause_pairs=12, min_run_pairs=3)
+    assert blind[len(forward) + 6] == -blind[0]
