@@ -419,7 +419,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
                      len(train), list(TRAIN_FOLDS))
             started = time.perf_counter()
             curve = speckle.calibrate(
-                _first_frames(train, SPECKLE_CALIBRATION_FRAMES), scale, calibration.calib_R_T,
+                _first_frames(train, SPECKLE_CALIBRATION_FRAMES), scale, calibration.calib_R_T, poses=_poses(train),
                 source=f"{data_root}: training folds {list(TRAIN_FOLDS)} of subject_folds(subjects, "
                        f"{DEFAULT_NUM_FOLDS}, {DEFAULT_SPLIT_SEED}), {len(train)} scans, at most "
                        f"{SPECKLE_CALIBRATION_FRAMES} first frames each")
@@ -427,7 +427,10 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
         curve.save(staging / speckle.CALIBRATION_FILE)
         moves = (f"turns of {curve.turn_pairs}-{curve.pause_pairs - 1} stopped pairs, runs of {curve.min_run_pairs}+ "
                  f"pairs, rocks above {curve.rock_deg:g} deg per pair, move directions "
-                 f"{dict(zip(speckle.MOVE_KINDS, curve.move_signs))}" if curve.pause_pairs else "no moves calibration")
+                 f"{dict(zip(speckle.MOVE_KINDS, curve.move_signs))}, "
+                 + (f"quarter turns sized to {curve.quarter_turn_deg:.1f} deg" if curve.quarter_turn_deg else
+                    "quarter turns as measured (none in the training scans)") if curve.pause_pairs
+                 else "no moves calibration")
         log.info("speckle: depth bands %s mm, sigma %s mm, rho0 %s, stop threshold %.3f mm, initial sign %+d, %s",
                  _numbers(curve.band_edges_mm, 0), _numbers(curve.sigma_mm, 2), _numbers(curve.rho0, 3),
                  curve.stop_threshold_mm, curve.initial_sign, moves)
@@ -479,6 +482,13 @@ def _first_frames(refs: list[ScanRef], count: int):
         with ScanFile(ref) as scan_file:
             stop = min(count, scan_file.num_frames)
             yield scan_file.read_frames(slice(0, stop)), scan_file.read_tforms()[:stop]
+
+
+def _poses(refs: list[ScanRef]):
+    """Yield the whole tracker poses [N, 4, 4] of each scan (no frames are read)."""
+    for ref in refs:
+        with ScanFile(ref) as scan_file:
+            yield scan_file.read_tforms()
 
 
 def _numbers(values, digits: int) -> str:

@@ -7,6 +7,7 @@ sign sequences written out by hand, the no-motion errors of a simulated scan, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -175,7 +176,7 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
     calibration = speckle.SpeckleCalibration((0.0, 20.0, 60.0), (0.8, 1.6), (0.95, 0.9), PIXEL_MM,
                                              stop_threshold_mm=0.25, initial_sign=-1, turn_pairs=2, min_run_pairs=3,
                                              rock_deg=0.35, pause_pairs=6, move_signs=(1, -1),
-                                             samples=(10, 20), num_pairs=7)
+                                             quarter_turn_deg=88.5, samples=(10, 20), num_pairs=7)
     path = calibration.save(tmp_path / "cal.json")
     assert speckle.SpeckleCalibration.load(path) == calibration
     record = json.loads(path.read_text())
@@ -185,7 +186,8 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
                             ({"turn_pairs": 0}, "turn_pairs"), ({"turn_pairs": 6}, "must exceed 'turn_pairs'"),
                             ({"min_run_pairs": 0}, "min_run_pairs"), ({"rock_deg": -1}, "rock_deg"),
                             ({"move_signs": [1]}, "move_signs"), ({"move_signs": [1, 0]}, "move_signs"),
-                            ({"move_signs": 1}, "move_signs"),
+                            ({"move_signs": 1}, "move_signs"), ({"quarter_turn_deg": -5}, "quarter_turn_deg"),
+                            ({"quarter_turn_deg": "ninety"}, "wrong type"),
                             ({"settings": {"patch_px": 2}}, "patch_px"), ({"colour": "red"}, "unknown")]:
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**record, **change}))
@@ -201,11 +203,11 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
         speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE * 2, calibration)
     # A calibration from before the moves rule (no pause) reads, but cannot drive that rule.
     old = {k: v for k, v in record.items()
-           if k not in ("turn_pairs", "min_run_pairs", "rock_deg", "pause_pairs", "move_signs")}
+           if k not in ("turn_pairs", "min_run_pairs", "rock_deg", "pause_pairs", "move_signs", "quarter_turn_deg")}
     bad.write_text(json.dumps(old))
     before = speckle.SpeckleCalibration.load(bad)
-    assert (before.turn_pairs, before.min_run_pairs, before.rock_deg, before.pause_pairs, before.move_signs) == \
-        (1, 1, 0.0, 0, (1, 1))
+    assert (before.turn_pairs, before.min_run_pairs, before.rock_deg, before.pause_pairs, before.move_signs,
+            before.quarter_turn_deg) == (1, 1, 0.0, 0, (1, 1), 0.0)
     before.check_rule(speckle.SIGN_CONTINUITY)
     with pytest.raises(ValueError, match="no 'pause_pairs'.*calibrate again"):
         speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE, before, speckle.SIGN_MOVES)
@@ -410,6 +412,63 @@ def test_a_turn_is_judged_by_whole_runs_not_by_their_noisy_end_pairs():
     moving = rms(canonical) >= 0.1
     oriented = canonical * signs[:, None]
     assert torch.allclose(oriented[moving], true[moving]) and (signs[~moving] == 0).all()
+
+
+def minimum_jerk_increments(total: float, pairs: int) -> np.ndarray:
+    """Per-pair increments of a minimum-jerk move by ``total`` over ``pairs`` pairs (the simulator's
+    profile, written out again)."""
+    s = np.linspace(0, 1, pairs + 1)
+    return np.diff(total * (10 * s ** 3 - 15 * s ** 4 + 6 * s ** 5))
+
+
+def local_from(a_y=None, a_x=None, length=None):
+    params = torch.zeros(length if length is not None else len(a_y if a_y is not None else a_x), 6,
+                         dtype=torch.float64)
+    if a_y is not None:
+        params[:, 1] = torch.as_tensor(a_y)
+    if a_x is not None:
+        params[:, 2] = torch.as_tensor(a_x)
+    return tf.params_to_matrix(params)
+
+
+def test_quarter_turn_is_the_median_net_twist_of_the_training_moves():
+    still = np.zeros(40)
+    fan = np.concatenate([minimum_jerk_increments(np.radians(20), 30), minimum_jerk_increments(np.radians(-40), 60),
+                          minimum_jerk_increments(np.radians(20), 30)])
+    turn = lambda degrees: minimum_jerk_increments(np.radians(degrees), 45)  # noqa: E731
+    scans = [np.concatenate([still, np.zeros_like(fan), still, turn(80), still]),
+             np.concatenate([still, turn(-100), still]),
+             np.concatenate([still, turn(93), still, turn(-30), still])]  # a 30-degree twist is no quarter turn
+    fans = np.concatenate([still, fan, still])
+    local = [local_from(a_y=scan) for scan in scans] + [local_from(a_x=fans)]
+    # median of 80, 100 and 93; a move's segment leaves out the slowest pairs at its ends (under 0.2
+    # degrees per pair once smoothed), a few tenths of a degree of a quarter turn
+    assert speckle.calibrate_quarter_turn(local) == pytest.approx(93.0, abs=0.5)
+    assert speckle.calibrate_quarter_turn(local[:2]) == pytest.approx(90.0, abs=0.5)
+    assert speckle.calibrate_quarter_turn([local_from(a_x=fans)]) == 0.0  # fans only: none
+    cut = np.concatenate([still, turn(92)[:30]])  # the scan ends within the turn: 78 degrees of 92, not counted
+    assert speckle.calibrate_quarter_turn(local[:2] + [local_from(a_y=cut)]) == pytest.approx(90.0, abs=0.5)
+
+
+def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
+    rates = [0.03] * 20 + STOP * 12 + [0.03] * 8  # a twist of 20 pairs (34 degrees), a pause, one of 8 (14)
+    canonical, true = twist_planes(rates)
+    magnitude = rms(canonical)
+    calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
+                                             pause_pairs=8, quarter_turn_deg=90.0)
+    estimate = speckle.MotionEstimate(torch.zeros(len(rates), dtype=torch.float64),
+                                      torch.zeros(len(rates), 2, dtype=torch.float64), canonical, magnitude, GRAM)
+    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
+    a_y = lambda e: np.degrees(speckle.motion_parameters(e, signs)[:, 1].numpy())  # noqa: E731
+    before = a_y(estimate)
+    assert abs(before[:20].sum()) == pytest.approx(np.degrees(np.arcsin(0.03)) * 20)  # 34.4 > 0.35 x 90
+    sized = speckle.sized_quarter_turns(estimate, signs, calibration)
+    after = a_y(sized)
+    assert abs(after[:20].sum()) == pytest.approx(90.0, abs=0.2)  # resized (to first order: a_Y = -asin p1)
+    np.testing.assert_allclose(after[20:], before[20:])  # 14 degrees: no quarter turn, as measured
+    torch.testing.assert_close(sized.magnitude[:20], magnitude[:20] * 90.0 / abs(before[:20].sum()))
+    unsized = dataclasses.replace(calibration, quarter_turn_deg=0.0)
+    assert speckle.sized_quarter_turns(estimate, signs, unsized) is estimate
 
 
 def test_sign_accuracy_counts_pairs_over_the_image():
