@@ -135,7 +135,8 @@ TURN_MARGIN = 0.6
 # every frame after it. The calibration keeps the median quarter turn of the training scans' true
 # motion (a twist move of more than QUARTER_TURN_MIN_DEG; ``calibrate_quarter_turn``) and the ``moves``
 # rule resizes to it each twist it finds of more than QUARTER_TURN_DETECT of that
-# (``sized_quarter_turns``): on data/habit_dev GPE 17.6 -> 9.3 mm, on data/sim2025_dev 37.5 -> 35.1.
+# (``sized_quarter_turns``): on data/habit_dev GPE 17.6 -> 10.3 mm, on data/sim2025_dev 37.5 -> 35.0
+# (the training scans' quarter turn: 81.8 degrees; 90 would have given 9.3 and 35.1).
 QUARTER_TURN_MIN_DEG = 45.0
 QUARTER_TURN_DETECT = 0.35
 
