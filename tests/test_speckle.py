@@ -462,13 +462,14 @@ def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
     a_y = lambda e: np.degrees(speckle.motion_parameters(e, signs)[:, 1].numpy())  # noqa: E731
     before = a_y(estimate)
     assert abs(before[:20].sum()) == pytest.approx(np.degrees(np.arcsin(0.03)) * 20)  # 34.4 > 0.35 x 90
-    sized = speckle.sized_quarter_turns(estimate, signs, calibration)
+    runs = speckle._moving_runs(canonical, magnitude, GRAM, 0.1)
+    sized = speckle.sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
     after = a_y(sized)
     assert abs(after[:20].sum()) == pytest.approx(90.0, abs=0.2)  # resized (to first order: a_Y = -asin p1)
     np.testing.assert_allclose(after[20:], before[20:])  # 14 degrees: no quarter turn, as measured
     torch.testing.assert_close(sized.magnitude[:20], magnitude[:20] * 90.0 / abs(before[:20].sum()))
     unsized = dataclasses.replace(calibration, quarter_turn_deg=0.0)
-    assert speckle.sized_quarter_turns(estimate, signs, unsized) is estimate
+    assert speckle.sized_quarter_turns(estimate, signs, magnitude, runs, unsized) is estimate
 
 
 def test_sign_accuracy_counts_pairs_over_the_image():
@@ -636,7 +637,7 @@ def moves_of(frame_at, positions, curve):
     runs = speckle._moving_runs(estimate.plane, estimate.magnitude, estimate.gram, curve.stop_threshold_mm,
                                 curve.turn_pairs, curve.min_run_pairs)
     verdicts = speckle.turn_verdicts(frames, SCALE, estimate, estimate.magnitude, runs, curve)
-    return speckle.orient_moves(frames, SCALE, estimate, curve), runs, verdicts
+    return speckle.orient_moves(frames, SCALE, estimate, curve)[0], runs, verdicts
 
 
 def test_turn_test_tells_a_fan_that_turned_back_from_one_that_went_on(elevational_speckle):

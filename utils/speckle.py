@@ -93,7 +93,7 @@ import torch
 from utils import transform as tf
 from utils.atomic import atomic_path
 from utils.errors import InputError
-from utils.moves import move_segments
+from utils.moves import MOVE_SPEED_DEG, move_segments
 
 SIGN_ZERO = "zero"
 SIGN_CONTINUITY = "continuity"
@@ -1109,6 +1109,11 @@ def _starts_move(gap: int, kind: int, last_kind, pause_pairs: int) -> bool:
     return gap < 0 or gap >= pause_pairs or kind != last_kind
 
 
+def _run_kind(kinds: torch.Tensor, magnitude: torch.Tensor, pairs: list[int]) -> int:
+    """A run's kind of move: that of its strongest pair (``kinds`` from ``move_directions``)."""
+    return int(kinds[pairs[int(torch.argmax(magnitude[pairs]))]])
+
+
 def _orient_moves(plane, magnitude, gram, stop_threshold_mm: float, turn_pairs: int, pause_pairs: int, move_signs,
                   min_run_pairs: int = 1, runs=None, continues=frozenset()) -> torch.Tensor:
     """The ``moves`` rule (``orient_planes``); ``runs``: ``_moving_runs`` already made with ``turn_pairs`` and
@@ -1122,7 +1127,7 @@ def _orient_moves(plane, magnitude, gram, stop_threshold_mm: float, turn_pairs: 
     for index, (pairs, relative) in enumerate(runs):
         strongest = int(torch.argmax(magnitude[pairs]))
         pair = pairs[strongest]
-        kind = int(kinds[pair])
+        kind = _run_kind(kinds, magnitude, pairs)
         field = _run_field(plane, pairs, relative)
         if _starts_move(-1 if previous is None else pairs[0] - previous - 1, kind, previous_kind, pause_pairs):
             start = move_signs[kind] * float(directions[pair]) * float(relative[strongest])
@@ -1194,7 +1199,7 @@ def turn_verdicts(frames, scale, estimate: MotionEstimate, magnitude: torch.Tens
     tests = []  # (run index, frame a, frame b, field if it goes on, field if it turns)
     previous, previous_kind, previous_fields = None, None, None
     for index, (pairs, relative) in enumerate(runs):
-        kind = int(kinds[pairs[int(torch.argmax(magnitude[pairs]))]])
+        kind = _run_kind(kinds, magnitude, pairs)
         # The run before, oriented so that its last pair is +1; this run oriented to go on from it.
         fields = plane[pairs] * relative[:, None]
         if not _starts_move(-1 if previous is None else pairs[0] - previous[-1] - 1, kind, previous_kind,
@@ -1231,36 +1236,37 @@ def _oriented_sum(fields: torch.Tensor, gram: torch.Tensor, reference: torch.Ten
     return torch.where(agree[:, None], fields, -fields).sum(0)
 
 
-def orient_moves(frames, scale, estimate: MotionEstimate, calibration: SpeckleCalibration) -> torch.Tensor:
-    """The ``moves`` rule's signs [M] for a scan, with its short stops tested (``turn_verdicts``)."""
+def orient_moves(frames, scale, estimate: MotionEstimate,
+                 calibration: SpeckleCalibration) -> tuple[torch.Tensor, MotionEstimate]:
+    """The ``moves`` rule for a scan: its signs [M], with the short stops tested (``turn_verdicts``), and
+    ``estimate`` with its quarter turns sized (``sized_quarter_turns``)."""
     magnitude = rock_gated(estimate.magnitude, estimate.angle, calibration.rock_deg)
     runs = _moving_runs(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
                         calibration.turn_pairs, calibration.min_run_pairs)
     continues = turn_verdicts(frames, scale, estimate, magnitude, runs, calibration)
-    return _orient_moves(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
-                         calibration.turn_pairs, calibration.pause_pairs, calibration.move_signs,
-                         calibration.min_run_pairs, runs=runs, continues=continues)
+    signs = _orient_moves(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
+                          calibration.turn_pairs, calibration.pause_pairs, calibration.move_signs,
+                          calibration.min_run_pairs, runs=runs, continues=continues)
+    return signs, sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
 
 
-def sized_quarter_turns(estimate: MotionEstimate, signs: torch.Tensor, calibration: SpeckleCalibration) -> MotionEstimate:
+def sized_quarter_turns(estimate: MotionEstimate, signs: torch.Tensor, magnitude: torch.Tensor, runs,
+                        calibration: SpeckleCalibration) -> MotionEstimate:
     """``estimate`` with each quarter turn's fields scaled to the calibrated size (module constants
     ``QUARTER_TURN_MIN_DEG``); unchanged where ``calibration.quarter_turn_deg`` is 0.
 
-    A twist is a stretch of runs of the twist kind (``move_directions`` of each run's strongest pair),
-    fewer than ``pause_pairs`` stopped pairs apart; one whose net a_Y, with ``signs`` [M] as the
-    ``moves`` rule gave them, exceeds ``QUARTER_TURN_DETECT`` of the calibrated quarter turn is one, and
-    its fields (and magnitudes) are scaled by the calibrated size over its measured one.
+    A twist is a stretch of runs of the twist kind, fewer than ``pause_pairs`` stopped pairs apart; one
+    whose net a_Y, with ``signs`` [M] as the ``moves`` rule gave them, exceeds ``QUARTER_TURN_DETECT`` of
+    the calibrated quarter turn is one, and its fields (and magnitudes) are scaled by the calibrated
+    size over its measured one. ``magnitude`` [M] and ``runs``: as the rule saw them (``orient_moves``).
     """
     if calibration.quarter_turn_deg <= 0:
         return estimate
-    magnitude = rock_gated(estimate.magnitude, estimate.angle, calibration.rock_deg)
-    runs = _moving_runs(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
-                        calibration.turn_pairs, calibration.min_run_pairs)
     kinds, _ = move_directions(estimate.plane, estimate.gram)
     twist = MOVE_KINDS.index("twist")
     twists, current, previous = [], [], None  # stretches of twist runs (pair indices)
     for pairs, _ in runs:
-        is_twist = int(kinds[pairs[int(torch.argmax(magnitude[pairs]))]]) == twist
+        is_twist = _run_kind(kinds, magnitude, pairs) == twist
         if is_twist and current and pairs[0] - previous - 1 < calibration.pause_pairs:
             current = current + pairs
         else:
@@ -1292,7 +1298,7 @@ def calibrate_quarter_turn(local_transforms) -> float:
         segments = torch.from_numpy(move_segments(local))
         a_y = tf.matrix_to_params(local)[:, 1]
         net = torch.zeros(int(segments.max()) + 1, dtype=torch.float64).index_add_(0, segments, a_y).abs()
-        if len(a_y) and math.degrees(float(a_y[-5:].abs().mean())) > 0.2:
+        if len(a_y) and math.degrees(float(a_y[-5:].abs().mean())) > MOVE_SPEED_DEG:
             net = net[:-1]  # still turning when the scan ends: a quarter turn cut short, not its size
         turns.extend(math.degrees(float(value)) for value in net if math.degrees(float(value)) > QUARTER_TURN_MIN_DEG)
     return float(np.median(turns)) if turns else 0.0
@@ -1408,8 +1414,7 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
     measurements = measure_pairs(frames, scale, calibration.settings)
     estimate = estimate_motion(measurements, None if sign_rule == SIGN_ZERO else calibration)
     if sign_rule == SIGN_MOVES:
-        signs = orient_moves(frames, scale, estimate, calibration)
-        estimate = sized_quarter_turns(estimate, signs, calibration)
+        signs, estimate = orient_moves(frames, scale, estimate, calibration)
     else:
         signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, sign_rule,
                               calibration.stop_threshold_mm, calibration.initial_sign)
