@@ -425,15 +425,9 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
                        f"{SPECKLE_CALIBRATION_FRAMES} first frames each")
             log.info("calibrated in %.1f s", time.perf_counter() - started)
         curve.save(staging / speckle.CALIBRATION_FILE)
-        moves = (f"turns of {curve.turn_pairs}-{curve.pause_pairs - 1} stopped pairs, runs of {curve.min_run_pairs}+ "
-                 f"pairs, rocks above {curve.rock_deg:g} deg per pair, move directions "
-                 f"{dict(zip(speckle.MOVE_KINDS, curve.move_signs))}, "
-                 + (f"quarter turns sized to {curve.quarter_turn_deg:.1f} deg" if curve.quarter_turn_deg else
-                    "quarter turns as measured (none in the training scans)") if curve.pause_pairs
-                 else "no moves calibration")
         log.info("speckle: depth bands %s mm, sigma %s mm, rho0 %s, stop threshold %.3f mm, initial sign %+d, %s",
                  _numbers(curve.band_edges_mm, 0), _numbers(curve.sigma_mm, 2), _numbers(curve.rho0, 3),
-                 curve.stop_threshold_mm, curve.initial_sign, moves)
+                 curve.stop_threshold_mm, curve.initial_sign, _moves_settings(curve))
         log.info("data %s: %d scans (%s split), sign rule %s, %d CPU threads -> %s", data_root, len(refs),
                  args.split, args.speckle_sign, torch.get_num_threads(), out_dir)
         results = _evaluate_all(evaluate, refs, staging, scale, args)
@@ -489,6 +483,17 @@ def _poses(refs: list[ScanRef]):
     for ref in refs:
         with ScanFile(ref) as scan_file:
             yield scan_file.read_tforms()
+
+
+def _moves_settings(curve: speckle.SpeckleCalibration) -> str:
+    """The ``moves`` rule's calibrated settings, for the log."""
+    if not curve.pause_pairs:
+        return "no moves calibration"
+    quarter_turn = (f"quarter turns sized to {curve.quarter_turn_deg:.1f} deg" if curve.quarter_turn_deg else
+                    "quarter turns as measured (none in the training scans)")
+    return (f"turns of {curve.turn_pairs}-{curve.pause_pairs - 1} stopped pairs, runs of {curve.min_run_pairs}+ pairs, "
+            f"rocks above {curve.rock_deg:g} deg per pair, move directions "
+            f"{dict(zip(speckle.MOVE_KINDS, curve.move_signs))}, {quarter_turn}")
 
 
 def _numbers(values, digits: int) -> str:
