@@ -446,6 +446,7 @@ def test_quarter_turn_is_the_median_net_twist_of_the_training_moves():
     assert speckle.calibrate_quarter_turn(local) == pytest.approx(93.0, abs=0.5)
     assert speckle.calibrate_quarter_turn(local[:2]) == pytest.approx(90.0, abs=0.5)
     assert speckle.calibrate_quarter_turn([local_from(a_x=fans)]) == 0.0  # fans only: none
+    assert speckle.calibrate_quarter_turn([torch.zeros(0, 4, 4, dtype=torch.float64)]) == 0.0  # a one-frame scan
     cut = np.concatenate([still, turn(92)[:30]])  # the scan ends within the turn: 78 degrees of 92, not counted
     assert speckle.calibrate_quarter_turn(local[:2] + [local_from(a_y=cut)]) == pytest.approx(90.0, abs=0.5)
 

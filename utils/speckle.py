@@ -1295,10 +1295,12 @@ def calibrate_quarter_turn(local_transforms) -> float:
     turns = []
     for local in local_transforms:
         local = torch.as_tensor(local, dtype=torch.float64)
+        if not len(local):
+            continue
         segments = torch.from_numpy(move_segments(local))
         a_y = tf.matrix_to_params(local)[:, 1]
         net = torch.zeros(int(segments.max()) + 1, dtype=torch.float64).index_add_(0, segments, a_y).abs()
-        if len(a_y) and math.degrees(float(a_y[-5:].abs().mean())) > MOVE_SPEED_DEG:
+        if math.degrees(float(a_y[-5:].abs().mean())) > MOVE_SPEED_DEG:
             net = net[:-1]  # still turning when the scan ends: a quarter turn cut short, not its size
         turns.extend(math.degrees(float(value)) for value in net if math.degrees(float(value)) > QUARTER_TURN_MIN_DEG)
     return float(np.median(turns)) if turns else 0.0
