@@ -35,10 +35,13 @@ than 0.1 mm RMS over the image), those of them given a direction (``oop_sign_cou
 the right one (``oop_sign_agree``) and the moves of the true motion holding them (``oop_moves``,
 ``utils.moves``); ``tables.txt`` gives the accuracy with a 95 % interval from resampling whole moves,
 since the pairs of one move are not independent trials. Scored exactly
-like the network: same tables, files and plots.
+like the network: same tables, files and plots. ``--speckle_oracle`` (with ``--speckle_sign moves``)
+is a diagnostic, not a prediction: it gives the rule the true direction of each move's start, each
+run or each pair (``utils.speckle.oracle_signs``), to show what each part of the rule costs; its
+output folder, log and tables say so.
 
 Output folder (default ``<checkpoint's folder>/generate-<split>[-<dataset>]/``, for the speckle
-method ``results/speckle-<dataset>-<split>-<sign rule>/``; a re-run replaces it as a whole, built
+method ``results/speckle-<dataset>-<split>-<sign rule>[-oracle_<oracle>]/``; a re-run replaces it as a whole, built
 beside it and swapped in when complete)::
 
     scores.csv     one row per scan: errors, identity errors, scores, runtime_s, ddf_s, ...
@@ -91,6 +94,7 @@ from utils.evaluation import (
     results_table,
     score_prediction,
     summary_table,
+    true_transforms,
     write_metrics_h5,
     write_prediction_ddfs,
 )
@@ -117,6 +121,8 @@ SIGN_MIN_RMS_MM = 0.1
 # samples, not whole scans (15 s of a 20 fps scan gives ~300 pairs x ~100 patches; a whole 1500-frame
 # scan would cost ~1.5 min of matching on 2 cores, ~2.5 h for the 2025 training set).
 SPECKLE_CALIBRATION_FRAMES = 300
+ORACLE_PARTS = {"move_starts": "move's start (its turns left to the rule)", "runs": "run of moving pairs",
+                "pairs": "pair"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -155,6 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--method speckle: out-of-plane direction rule; zero (default) predicts no "
                              "out-of-plane motion, continuity keeps the direction and reverses it after each stop, "
                              "moves reverses it at turns and starts each move the way training moves of its kind did")
+    parser.add_argument("--speckle_oracle", choices=speckle.ORACLES, default=None,
+                        help="--method speckle --speckle_sign moves, a diagnostic (it reads the true motion): give "
+                             "the rule the true direction of each move's start, each run or each pair")
     return parser
 
 
@@ -276,7 +285,8 @@ def check_method_arguments(args) -> None:
             raise InputError("--method network needs --ckpt (a checkpoint written by train.py); "
                              "use --method speckle --data_path DATA for the method without learned weights")
         given = [flag for flag, value in (("--speckle_calibration", args.speckle_calibration),
-                                          ("--speckle_sign", args.speckle_sign != speckle.SIGN_ZERO)) if value]
+                                          ("--speckle_sign", args.speckle_sign != speckle.SIGN_ZERO),
+                                          ("--speckle_oracle", args.speckle_oracle)) if value]
         if given:
             raise InputError(f"{', '.join(given)} only apply to --method speckle")
         return
@@ -288,6 +298,9 @@ def check_method_arguments(args) -> None:
         raise InputError(f"{', '.join(given)} only apply to --method network")
     if args.device not in ("auto", "cpu"):
         raise InputError(f"--device {args.device}: --method speckle runs on the CPU; use --device cpu or auto")
+    if args.speckle_oracle is not None and args.speckle_sign != speckle.SIGN_MOVES:
+        raise InputError(f"--speckle_oracle {args.speckle_oracle} corrects the {speckle.SIGN_MOVES!r} sign rule; "
+                         f"add --speckle_sign {speckle.SIGN_MOVES} (got {args.speckle_sign!r})")
 
 
 def main(argv=None) -> tuple[Path, pd.DataFrame]:
@@ -382,9 +395,10 @@ def speckle_split(refs: list[ScanRef], split: str, calibrated: bool = False) -> 
     return train, scans_of_folds(refs, folds, TEST_FOLDS if split == "test" else VAL_FOLDS)
 
 
-def default_speckle_out_dir(data_root: Path, split: str, sign_rule: str) -> Path:
-    """``<repository>/results/speckle-<dataset folder name>-<split>-<sign rule>``."""
-    return REPO_ROOT / "results" / f"speckle-{Path(data_root).resolve().name}-{split}-{sign_rule}"
+def default_speckle_out_dir(data_root: Path, split: str, sign_rule: str, oracle: str | None = None) -> Path:
+    """``<repository>/results/speckle-<dataset folder name>-<split>-<sign rule>[-oracle_<oracle>]``."""
+    suffix = "" if oracle is None else f"-oracle_{oracle}"
+    return REPO_ROOT / "results" / f"speckle-{Path(data_root).resolve().name}-{split}-{sign_rule}{suffix}"
 
 
 def main_speckle(args) -> tuple[Path, pd.DataFrame]:
@@ -399,7 +413,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
     train, refs = speckle_split(find_scans(data_root), args.split, calibrated=curve is not None)
     sizes = check_scans(list(dict.fromkeys(train + refs)))  # before any work, as for the network
     out_dir = Path(args.out) if args.out is not None else default_speckle_out_dir(data_root, args.split,
-                                                                                  args.speckle_sign)
+                                                                                  args.speckle_sign, args.speckle_oracle)
     if args.save_ddfs:
         check_free_space_for_ddfs({ref.key: sizes[ref.key] for ref in refs}, out_dir)
     if args.num_threads is not None:
@@ -408,7 +422,9 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
 
     def evaluate(ref: ScanRef):
         scan = read_scan(ref)
-        global_pred, local_pred, seconds = speckle.predict_scan_speckle(scan.frames, scale, curve, args.speckle_sign)
+        true_local = None if args.speckle_oracle is None else true_transforms(scan.tforms, calibration)[1]
+        global_pred, local_pred, seconds = speckle.predict_scan_speckle(scan.frames, scale, curve, args.speckle_sign,
+                                                                        args.speckle_oracle, true_local)
         result = score_prediction(ref, scan, calibration, global_pred, local_pred, seconds)
         add_sign_columns(result, scale)
         return result
@@ -430,11 +446,17 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
                  curve.stop_threshold_mm, curve.initial_sign, _moves_settings(curve))
         log.info("data %s: %d scans (%s split), sign rule %s, %d CPU threads -> %s", data_root, len(refs),
                  args.split, args.speckle_sign, torch.get_num_threads(), out_dir)
+        oracle_line = "" if args.speckle_oracle is None else (
+            f"ORACLE {args.speckle_oracle}: the {speckle.SIGN_MOVES!r} rule was given the true direction of each "
+            f"{ORACLE_PARTS[args.speckle_oracle]}; a diagnostic that reads the true motion, not a prediction\n")
+        if oracle_line:
+            log.warning(oracle_line.strip())
         results = _evaluate_all(evaluate, refs, staging, scale, args)
         table, summary, text = _write_tables(staging, results, attrs={
             "method": "speckle", "data_path": str(data_root), "split": args.split, "device": "cpu",
-            "sign_rule": args.speckle_sign, "speckle_calibration": str(args.speckle_calibration or "")})
-        text += sign_report(table, results, f"{args.speckle_sign!r} rule's")
+            "sign_rule": args.speckle_sign, "speckle_calibration": str(args.speckle_calibration or ""),
+            "speckle_oracle": args.speckle_oracle or ""})
+        text = oracle_line + text + sign_report(table, results, f"{args.speckle_sign!r} rule's")
         _write_text(staging / "tables.txt", text)
     _print_report(out_dir, table, text, args)
     return out_dir, summary

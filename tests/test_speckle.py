@@ -322,6 +322,45 @@ def test_moves_rule_passes_flickers_reverses_at_turns_and_starts_each_move_the_h
         speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=0)
 
 
+def test_oracles_take_the_true_direction_of_move_starts_runs_or_pairs():
+    canonical, true = habit_scan()
+    magnitude = rms(canonical)
+    moving = magnitude >= 0.1
+    runs = speckle._moving_runs(canonical, magnitude, GRAM, 0.1, turn_pairs=2)
+    rule = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=8,
+                                 move_signs=(1, -1))
+    assert torch.allclose((canonical * rule[:, None])[moving], true[moving])  # the habit's own rule: all right
+
+    def oracle(signs, kind):
+        return speckle.oracle_signs(signs, canonical, magnitude, GRAM, runs, true, kind, pause_pairs=8)
+
+    def right(signs):  # per pair, over the moving pairs: the direction agrees with the truth
+        return ((canonical * signs[:, None] @ GRAM * true).sum(-1) > 0)[moving]
+
+    # Every move started the wrong way (the other habit): the move-start oracle mends all of it, turns included.
+    wrong_starts = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2,
+                                         pause_pairs=8, move_signs=(-1, 1))
+    assert not right(wrong_starts).any()
+    assert torch.equal(oracle(wrong_starts, "move_starts"), rule)
+    # A turn missed (the second half-swing of the first fan kept the direction before it): the move-start
+    # oracle leaves the turns to the rule, the run oracle mends it.
+    missed = rule.clone()
+    second = runs[1][0]
+    missed[second] = -missed[second]
+    assert torch.equal(oracle(missed, "move_starts"), missed)
+    assert torch.equal(oracle(missed, "runs"), rule)
+    # The pair oracle gives every measured field its true direction, stops included; a field of 0 (the
+    # twist's flicker) has none and keeps the rule's.
+    pairs = oracle(torch.zeros(len(rule), dtype=torch.float64), "pairs")
+    field = magnitude > 0
+    assert (pairs[field] != 0).all() and ((canonical * pairs[:, None] @ GRAM * true).sum(-1)[field] > 0).all()
+    assert (pairs[~field] == 0).all() and (~field).sum() == 1
+    with pytest.raises(ValueError, match="not one of"):
+        oracle(rule, "frames")
+    with pytest.raises(ValueError, match="true fields"):
+        speckle.oracle_signs(rule, canonical, magnitude, GRAM, runs, true[:3], "runs", 8)
+
+
 @pytest.mark.parametrize(("fan_sign", "twist_sign", "expected"), [(1.0, 1.0, (1, -1)), (-1.0, -1.0, (-1, 1))])
 def test_calibrate_moves_finds_the_turns_the_pauses_and_the_habit(fan_sign, twist_sign, expected):
     canonical, true = habit_scan(fan_sign, twist_sign)
@@ -568,6 +607,16 @@ def test_generate_ddf_speckle_end_to_end(tiny5_root, tmp_path):
     assert len(given) == 2 and np.isfinite(given["GPE"]).all()
     assert (given["oop_sign_agree"] <= given["oop_sign_counted"]).all()
     assert "'moves' rule's prediction" in (moves / "tables.txt").read_text()
+    # The pair oracle: every pair given a direction gets the true one; the output says it is an oracle.
+    oracle, _ = generate_DDF.main(["--method", "speckle", "--data_path", str(tiny5_root), "--out",
+                                   str(tmp_path / "oracle"), "--speckle_calibration",
+                                   str(out / speckle.CALIBRATION_FILE), "--split", "val", "--speckle_sign", "moves",
+                                   "--speckle_oracle", "pairs"])
+    told = pd.read_csv(oracle / "scores.csv")
+    assert told["oop_sign_counted"].sum() > 0 and (told["oop_sign_agree"] == told["oop_sign_counted"]).all()
+    assert (oracle / "tables.txt").read_text().startswith("ORACLE pairs:")
+    assert generate_DDF.default_speckle_out_dir(tiny5_root, "val", "moves", "pairs").name == \
+        f"speckle-{tiny5_root.name}-val-moves-oracle_pairs"
     # A held-out dataset of other subjects (too few to split into folds) is scored whole with a
     # calibration made on another dataset's training folds.
     held_out = tmp_path / "held_out"
@@ -585,6 +634,8 @@ def test_generate_ddf_bad_input_gives_one_clear_error(tiny5_root, tmp_path):
         generate_DDF.main([])
     with pytest.raises(ValueError, match="only apply to --method speckle"):
         generate_DDF.main(["--ckpt", str(tmp_path / "best.pt"), "--speckle_sign", "continuity"])
+    with pytest.raises(ValueError, match="add --speckle_sign moves"):
+        generate_DDF.main(["--method", "speckle", "--data_path", str(tiny5_root), "--speckle_oracle", "runs"])
     malformed = tmp_path / "cal.json"
     malformed.write_text(json.dumps({"format_version": 1, "band_edges_mm": [0, 10], "sigma_mm": [1.0]}))
     with pytest.raises(ValueError, match="missing field") as error:

@@ -100,6 +100,9 @@ SIGN_CONTINUITY = "continuity"
 SIGN_MOVES = "moves"
 SIGN_RULES = (SIGN_ZERO, SIGN_CONTINUITY, SIGN_MOVES)
 MOVE_KINDS = ("tilt", "twist")  # the ``moves`` rule's kinds of move, in the order of ``move_signs``
+# What ``oracle_signs`` takes from the true motion to show where the ``moves`` rule loses (a diagnostic,
+# never a prediction): the direction of each move's start, of each run, or of each pair.
+ORACLES = ("move_starts", "runs", "pairs")
 # Stop lengths (pairs) the calibration tries for the ``moves`` rule. On the simulated rotation scans
 # (20 fps, stop level ~0.3 mm) the magnitude flickers below the stop level for 1-3 pairs as a move
 # starts or ends, a fan turns back through 4-20 stopped pairs, and moves are 15-30 apart (pauses of
@@ -1236,10 +1239,14 @@ def _oriented_sum(fields: torch.Tensor, gram: torch.Tensor, reference: torch.Ten
     return torch.where(agree[:, None], fields, -fields).sum(0)
 
 
-def orient_moves(frames, scale, estimate: MotionEstimate,
-                 calibration: SpeckleCalibration) -> tuple[torch.Tensor, MotionEstimate]:
+def orient_moves(frames, scale, estimate: MotionEstimate, calibration: SpeckleCalibration,
+                 oracle: str | None = None, true_plane: torch.Tensor | None = None) -> tuple[torch.Tensor, MotionEstimate]:
     """The ``moves`` rule for a scan: its signs [M], with the short stops tested (``turn_verdicts``), and
-    ``estimate`` with its quarter turns sized (``sized_quarter_turns``)."""
+    ``estimate`` with its quarter turns sized (``sized_quarter_turns``).
+
+    ``oracle`` (one of ``ORACLES``, with the true fields ``true_plane`` [M, 3] of the pairs) replaces part
+    of the rule's directions by the true ones (``oracle_signs``) before the quarter turns are sized.
+    """
     magnitude = rock_gated(estimate.magnitude, estimate.angle, calibration.rock_deg)
     runs = _moving_runs(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
                         calibration.turn_pairs, calibration.min_run_pairs)
@@ -1247,7 +1254,57 @@ def orient_moves(frames, scale, estimate: MotionEstimate,
     signs = _orient_moves(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
                           calibration.turn_pairs, calibration.pause_pairs, calibration.move_signs,
                           calibration.min_run_pairs, runs=runs, continues=continues)
+    if oracle is not None:
+        height, width = _as_frames(frames).shape[1:]
+        signs = oracle_signs(signs, estimate.plane, magnitude, estimate.gram, runs, true_plane, oracle,
+                             calibration.pause_pairs, image_gram(scale, height, width))
     return signs, sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
+
+
+def oracle_signs(signs: torch.Tensor, plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, runs,
+                 true_plane: torch.Tensor, oracle: str, pause_pairs: int, judge_gram: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The ``moves`` rule's ``signs`` [M] with part of the direction taken from the true fields ``true_plane``
+    [M, 3]: where the rule loses, never a prediction (it reads the truth).
+
+    - ``move_starts``: each move (a run that starts one, ``_starts_move``, with the runs that follow it
+      across turns) turned as a whole to agree with the true fields of its first run; the turns within it
+      stay the rule's.
+    - ``runs``: each run turned as a whole to agree with its own true fields.
+    - ``pairs``: every pair with a measured field given its true direction, stops and rocks included (the
+      best any sign can do with the measured sizes).
+
+    "Agree": the summed oriented fields' inner product with the summed true ones, ``p^T judge_gram q``, is
+    positive (a tie keeps the rule's); ``judge_gram`` None: ``gram``; ``orient_moves`` passes the
+    image's (``image_gram``), over which the sign accuracy is scored. ``plane``, ``magnitude`` (as the
+    rule saw it), ``gram``, ``runs``: as the rule used them.
+    """
+    if oracle not in ORACLES:
+        raise InputError(f"oracle {oracle!r} is not one of {list(ORACLES)}")
+    if true_plane is None or true_plane.shape != plane.shape:
+        raise InputError(f"the {oracle!r} oracle needs the true fields of the {len(plane)} pairs, got "
+                         f"{None if true_plane is None else tuple(true_plane.shape)}")
+    true_plane = true_plane.to(torch.float64)
+    judge_gram = gram if judge_gram is None else judge_gram
+    if oracle == "pairs":
+        inner = (plane @ judge_gram * true_plane).sum(-1)
+        return torch.where(inner < 0, -1.0, torch.where(inner > 0, 1.0, signs)).to(torch.float64)
+
+    def agreement(pairs: list[int]) -> float:
+        inner = float((plane[pairs] * signs[pairs, None]).sum(0) @ judge_gram @ true_plane[pairs].sum(0))
+        return -1.0 if inner < 0 else 1.0
+
+    result = signs.clone()
+    kinds, _ = move_directions(plane, gram)
+    previous, previous_kind, flip = None, None, 1.0
+    for pairs, _ in runs:
+        kind = _run_kind(kinds, magnitude, pairs)
+        if oracle == "runs" or _starts_move(-1 if previous is None else pairs[0] - previous - 1, kind,
+                                            previous_kind, pause_pairs):
+            flip = agreement(pairs)
+        result[pairs] = flip * signs[pairs]
+        previous, previous_kind = pairs[-1], kind
+    return result
 
 
 def sized_quarter_turns(estimate: MotionEstimate, signs: torch.Tensor, magnitude: torch.Tensor, runs,
@@ -1392,7 +1449,8 @@ def motion_parameters(estimate: MotionEstimate, signs: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------------------------
 
 
-def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_rule: str = SIGN_ZERO):
+def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_rule: str = SIGN_ZERO,
+                         oracle: str | None = None, true_local=None):
     """Every frame's global and local transform of a scan, from speckle tracking.
 
     Args:
@@ -1400,6 +1458,8 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
         scale: [4, 4] ``S`` of the frames (pixel -> image mm); must match the calibration's pixel size.
         calibration: ``SpeckleCalibration`` (its settings place and match the patches).
         sign_rule: one of ``SIGN_RULES`` (``zero`` skips the out-of-plane estimate entirely).
+        oracle: None, or one of ``ORACLES`` with the ``moves`` rule: part of the direction is taken from
+            ``true_local`` ([N-1, 4, 4] true ``T_{i-1<-i}``; ``oracle_signs``), a diagnostic.
     Returns:
         ``(global [N-1, 4, 4], local [N-1, 4, 4], seconds)``: float64 CPU tensors ``T_{0<-i}`` and
         ``T_{i-1<-i}`` for i = 1..N-1 (image mm), and the wall time from the frames in memory to
@@ -1409,6 +1469,8 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
     """
     calibration.check_rule(sign_rule)
     calibration.check_pixel_size(scale)
+    if oracle is not None and sign_rule != SIGN_MOVES:
+        raise InputError(f"an oracle ({oracle!r}) corrects the {SIGN_MOVES!r} sign rule only, not {sign_rule!r}")
     start = time.perf_counter()
     frames = _as_frames(frames)
     if len(frames) < 2:
@@ -1416,7 +1478,9 @@ def predict_scan_speckle(frames, scale, calibration: SpeckleCalibration, sign_ru
     measurements = measure_pairs(frames, scale, calibration.settings)
     estimate = estimate_motion(measurements, None if sign_rule == SIGN_ZERO else calibration)
     if sign_rule == SIGN_MOVES:
-        signs, estimate = orient_moves(frames, scale, estimate, calibration)
+        true_plane = None if true_local is None else \
+            plane_of_transforms(torch.as_tensor(true_local, dtype=torch.float64))
+        signs, estimate = orient_moves(frames, scale, estimate, calibration, oracle, true_plane)
     else:
         signs = orient_planes(estimate.plane, estimate.magnitude, estimate.gram, sign_rule,
                               calibration.stop_threshold_mm, calibration.initial_sign)
