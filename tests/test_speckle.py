@@ -512,6 +512,62 @@ def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
     assert speckle.sized_quarter_turns(estimate, signs, magnitude, runs, unsized) is estimate
 
 
+def test_a_run_is_of_the_kind_carrying_most_of_its_motion_not_of_its_strongest_pair():
+    """A twist of 10 pairs, two of them fitted as a larger tilt (as happens where few patches correlate):
+    the run is a twist, starts the twists' habitual way, and its direction comes from its twist pairs."""
+    twist, true = twist_planes([-0.01] * 10)
+    misfit, _ = fan_planes([0.02, 0.02])  # RMS 0.68 mm each, against the twist's 0.24
+    canonical = twist.clone()
+    canonical[[3, 6]] = misfit
+    magnitude = rms(canonical)
+    assert int(torch.argmax(magnitude)) in (3, 6) and magnitude[[3, 6]].sum() < magnitude.sum() / 2
+    kinds, _ = speckle.move_directions(canonical, GRAM)
+    assert speckle.MOVE_KINDS[speckle._run_kind(kinds, magnitude, list(range(10)))] == "twist"
+    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8,
+                                  move_signs=(1, -1))
+    twists = [i for i in range(10) if i not in (3, 6)]
+    agree = ((canonical * signs[:, None]) @ GRAM * true).sum(-1)[twists]
+    assert (agree > 0).all()  # the habit's twist direction, -rate: right; a tilt's (+1) would mirror it
+
+
+def test_a_twist_seen_through_patches_on_one_side_of_the_probe_axis_is_still_a_twist():
+    """Where the image holds signal on one side of the probe's axis only (a shadow, a narrow sector), a
+    twist moves every patch the same way and over the patches looks like a tilt; judged over the whole
+    image (``MotionEstimate.kind_gram``) it is a twist: it takes the twists' habitual direction and is
+    sized as a quarter turn."""
+    image = speckle.image_gram(SCALE, 480, 640)
+    axis = float(image[0, 1] / image[0, 0])  # the image's lateral middle, mm
+    patches = torch.tensor([[1.0, x, y] for x in (95.0, 110.0, 125.0) for y in (10.0, 30.0, 50.0)], dtype=torch.float64)
+    patch_gram = patches.T @ patches
+    rates = [0.0] * 6 + [-0.03] * 30 + [0.0] * 6  # 30 pairs of 1.7 degrees: 52 degrees about the axis
+    true = torch.tensor([[-r * axis, r, 0.0] for r in rates], dtype=torch.float64)
+    canonical = torch.where((true @ patches.mean(0))[:, None] < 0, -true, true)  # positive at the grid's centroid
+    magnitude = (canonical @ patch_gram * canonical).sum(-1).div(len(patches)).sqrt()
+    kinds_patches, _ = speckle.move_directions(canonical[6:7], patch_gram)
+    kinds_image, _ = speckle.move_directions(canonical[6:7], image)
+    assert speckle.MOVE_KINDS[int(kinds_patches)] == "tilt" and speckle.MOVE_KINDS[int(kinds_image)] == "twist"
+    calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
+                                             pause_pairs=8, move_signs=(1, -1), quarter_turn_deg=90.0)
+    zeros = torch.zeros(len(rates), dtype=torch.float64)
+    estimate = speckle.MotionEstimate(zeros, torch.zeros(len(rates), 2, dtype=torch.float64), canonical, magnitude,
+                                      patch_gram, image)
+    runs = speckle._moving_runs(canonical, magnitude, patch_gram, 0.1)
+    for kind_gram, right in ((image, True), (None, False)):
+        signs = speckle.orient_planes(canonical, magnitude, patch_gram, speckle.SIGN_MOVES, 0.1, pause_pairs=8,
+                                      move_signs=(1, -1), kind_gram=kind_gram)
+        agree = ((canonical * signs[:, None]) @ patch_gram * true).sum(-1)[6:36] > 0
+        assert bool(agree.all()) == right and bool((~agree).all()) == (not right)
+        sized = speckle.sized_quarter_turns(dataclasses.replace(estimate, kind_gram=kind_gram), signs, magnitude,
+                                            runs, calibration)
+        a_y = np.degrees(speckle.motion_parameters(sized, signs)[:, 1].sum().item())
+        assert abs(a_y) == pytest.approx(90.0 if right else np.degrees(np.arcsin(0.03)) * 30, abs=0.2)
+    # estimate_motion judges kinds over the frames' whole image.
+    measured = speckle.PairMeasurements(torch.arange(1, 3), patches[:, 1:], torch.zeros(2, 9, 2),
+                                        torch.full((2, 9), 0.9, dtype=torch.float64),
+                                        torch.ones(2, 9, dtype=torch.bool), PIXEL_MM, (480, 640))
+    torch.testing.assert_close(speckle.estimate_motion(measured, calibration).kind_gram, image)
+
+
 def test_sign_accuracy_counts_pairs_over_the_image():
     # Three pairs: a fan (a_X), a pure t_z and one without out-of-plane motion.
     params = torch.tensor([[0.0, 0.0, 0.02, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.5],

@@ -438,6 +438,7 @@ class PairMeasurements:
         usable: bool [M, K], the patch has signal in both frames and its peak is inside the search
             range; the other entries of ``shift_mm`` and ``peak`` mean nothing.
         pixel_size_mm: ``(S[0, 0], S[1, 1])``.
+        image_size: ``(H, W)`` of the frames (pixels); None: not known.
     """
 
     frames: torch.Tensor
@@ -446,6 +447,7 @@ class PairMeasurements:
     peak: torch.Tensor
     usable: torch.Tensor
     pixel_size_mm: tuple[float, float]
+    image_size: tuple[int, int] | None = None
 
 
 def _as_frames(frames) -> torch.Tensor:
@@ -513,7 +515,7 @@ def measure_pairs(frames, scale, settings: SpeckleSettings | None = None, moving
             shift[start:stop] = pair_shift * torch.tensor([sx, sy], dtype=torch.float64)
             peak[start:stop] = pair_peak
             usable[start:stop] = inside & has_signal[index] & has_signal[index - 1]
-    return PairMeasurements(moving, centres, shift, peak, usable, (sx, sy))
+    return PairMeasurements(moving, centres, shift, peak, usable, (sx, sy), (height, width))
 
 
 # --------------------------------------------------------------------------------------------
@@ -837,6 +839,11 @@ class MotionEstimate:
         magnitude: float64 [M], RMS of ``d`` over the scan's patch grid (mm).
         gram: float64 [3, 3], ``sum_k u_k u_k^T`` over the grid's centres ``u = (1, x, y)``: the inner
             product of two fields over the grid is ``p^T gram q`` (the sign rules compare fields).
+        kind_gram: float64 [3, 3], the same over a 3 x 3 lattice spanning the whole image
+            (``image_gram``): the kind of a move (``move_directions``) is judged over it, since a twist
+            turns about the probe's axis, the image's lateral middle, wherever the patches with signal
+            lie (where they all lie to one side of it, over the grid a twist looks like a tilt); None:
+            ``gram``.
     """
 
     angle: torch.Tensor
@@ -844,6 +851,12 @@ class MotionEstimate:
     plane: torch.Tensor
     magnitude: torch.Tensor
     gram: torch.Tensor
+    kind_gram: torch.Tensor | None = None
+
+
+def _kind_gram(estimate: MotionEstimate) -> torch.Tensor:
+    """The inner product over which ``estimate``'s moves are told apart (``MotionEstimate.kind_gram``)."""
+    return estimate.gram if estimate.kind_gram is None else estimate.kind_gram
 
 
 def _rank_one_plane(u: torch.Tensor, d2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -972,7 +985,9 @@ def estimate_motion(measurements: PairMeasurements, calibration: SpeckleCalibrat
         u = torch.zeros(0, 3, dtype=torch.float64)
     gram = u.T @ u
     magnitude = ((plane @ gram * plane).sum(-1) / max(len(centres), 1)).clamp_min(0).sqrt()
-    return MotionEstimate(angle, translation, plane, magnitude, gram)
+    kind_gram = None if measurements.image_size is None else \
+        image_gram(np.diag([*measurements.pixel_size_mm, 1.0, 1.0]), *measurements.image_size)
+    return MotionEstimate(angle, translation, plane, magnitude, gram, kind_gram)
 
 
 
@@ -983,7 +998,8 @@ def estimate_motion(measurements: PairMeasurements, calibration: SpeckleCalibrat
 
 def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, rule: str,
                   stop_threshold_mm: float = 0.0, initial_sign: int = 1, turn_pairs: int = 1, pause_pairs: int = 0,
-                  move_signs=(1, 1), min_run_pairs: int = 1, continues=frozenset()) -> torch.Tensor:
+                  move_signs=(1, 1), min_run_pairs: int = 1, continues=frozenset(),
+                  kind_gram: torch.Tensor | None = None) -> torch.Tensor:
     """The sign (+1, -1 or 0) to give each pair's canonical out-of-plane field, pairs in scan order.
 
     Rules (``SIGN_RULES``):
@@ -998,13 +1014,15 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
       as stops do), and so is a stop of fewer than ``turn_pairs`` pairs between the runs left (the
       pairs on either side agree as neighbours do); after a stop of fewer than ``pause_pairs`` (a
       turn) as ``continuity``; after a longer one, where the kind of move changes, and at the first
-      run, a move starts: its run takes the direction ``move_signs`` gives the kind of its strongest
-      pair (``move_directions``). Runs whose index (among the runs left) is in ``continues`` go on in
+      run, a move starts: its run takes the direction ``move_signs`` gives its kind (``_run_kind``: the
+      kind carrying most of its magnitude; ``move_directions``). Runs whose index (among the runs left) is in ``continues`` go on in
       the direction of the run before them instead of turning back (``turn_verdicts``, which needs the
       frames: ``orient_moves``).
 
     Args:
-        plane: [M, 3] canonical fields (``MotionEstimate.plane``); magnitude: [M] mm; gram: [3, 3].
+        plane: [M, 3] canonical fields (``MotionEstimate.plane``); magnitude: [M] mm; gram: [3, 3];
+        kind_gram: [3, 3] over which the ``moves`` rule tells kinds of move apart (None: ``gram``;
+        ``MotionEstimate.kind_gram``).
     Returns:
         float64 [M].
     """
@@ -1018,7 +1036,7 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
             raise InputError(f"the {SIGN_MOVES!r} sign rule needs 1 <= turn_pairs < pause_pairs, got {turn_pairs} and "
                              f"{pause_pairs} (a speckle calibration made before the rule existed: calibrate again)")
         return _orient_moves(plane, magnitude, gram, stop_threshold_mm, turn_pairs, pause_pairs, move_signs,
-                             min_run_pairs, continues=continues)
+                             min_run_pairs, continues=continues, kind_gram=kind_gram)
     # Inner products of each field with the next one; a sequential pass over M floats is cheap.
     moving = (magnitude >= stop_threshold_mm) & (magnitude > 0)
     previous = None
@@ -1038,13 +1056,14 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
 def move_directions(plane: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kind and canonical direction of each field, as the ``moves`` rule sees a move.
 
-    A *tilt* (``MOVE_KINDS[0]``) moves the whole patch grid one way: its mean displacement outweighs
-    the lateral slope's spread over the grid, and its canonical direction is the mean's sign. A
+    A *tilt* (``MOVE_KINDS[0]``) moves the whole image one way: its mean displacement outweighs the
+    lateral slope's spread over the points of ``gram``, and its canonical direction is the mean's sign. A
     *twist* (``MOVE_KINDS[1]``, turning about the probe's axis) moves the two sides of the image
     opposite ways: the canonical direction is the sign of the lateral slope ``p1``.
 
     Args:
-        plane: [M, 3] fields ``(p0, p1, p2)``; gram: [3, 3] over the grid (``MotionEstimate.gram``).
+        plane: [M, 3] fields ``(p0, p1, p2)``; gram: [3, 3] over the points the kind is judged on
+            (``MotionEstimate.kind_gram``: the whole image).
     Returns:
         ``(kind, direction)``: long [M] indices into ``MOVE_KINDS`` and float64 [M] of +1 or -1.
     """
@@ -1113,27 +1132,41 @@ def _starts_move(gap: int, kind: int, last_kind, pause_pairs: int) -> bool:
 
 
 def _run_kind(kinds: torch.Tensor, magnitude: torch.Tensor, pairs: list[int]) -> int:
-    """A run's kind of move: that of its strongest pair (``kinds`` from ``move_directions``)."""
-    return int(kinds[pairs[int(torch.argmax(magnitude[pairs]))]])
+    """A run's kind of move: the kind whose pairs carry most of the run's summed magnitude (``kinds`` from
+    ``move_directions``; a tie: the first). Not that of its strongest pair alone: a twist's pairs where
+    few patches correlate are now and then fitted as a tilt about a line across the image, larger than
+    the twist's own fields (data/habit_dev2, a quarter turn taken for a fan and given a fan's direction)."""
+    index = torch.as_tensor(pairs)
+    weight = torch.zeros(len(MOVE_KINDS), dtype=torch.float64).index_add_(0, kinds[index],
+                                                                          magnitude[index].to(torch.float64))
+    return int(torch.argmax(weight))
+
+
+def _run_direction(kinds: torch.Tensor, directions: torch.Tensor, magnitude: torch.Tensor, pairs: list[int],
+                   relative: torch.Tensor, kind: int) -> float:
+    """The canonical direction (``move_directions``) of a run of ``kind``, relative to the signs ``relative``
+    chained along it: that of its strongest pair of that kind."""
+    index = torch.as_tensor(pairs)
+    strongest = int(torch.argmax(torch.where(kinds[index] == kind, magnitude[index].to(torch.float64), -1.0)))
+    return float(directions[pairs[strongest]]) * float(relative[strongest])
 
 
 def _orient_moves(plane, magnitude, gram, stop_threshold_mm: float, turn_pairs: int, pause_pairs: int, move_signs,
-                  min_run_pairs: int = 1, runs=None, continues=frozenset()) -> torch.Tensor:
+                  min_run_pairs: int = 1, runs=None, continues=frozenset(), kind_gram=None) -> torch.Tensor:
     """The ``moves`` rule (``orient_planes``); ``runs``: ``_moving_runs`` already made with ``turn_pairs`` and
-    ``min_run_pairs``; ``continues``: indices of the runs that go on across the stop before them."""
+    ``min_run_pairs``; ``continues``: indices of the runs that go on across the stop before them;
+    ``kind_gram``: over which the kinds of move are told apart (None: ``gram``)."""
     signs = torch.zeros(len(plane), dtype=torch.float64)
-    kinds, directions = move_directions(plane, gram)
+    kinds, directions = move_directions(plane, gram if kind_gram is None else kind_gram)
     if runs is None:
         runs = _moving_runs(plane, magnitude, gram, stop_threshold_mm, turn_pairs, min_run_pairs)
     previous, previous_kind = None, None  # the last pair of the run before, and that run's kind
     previous_field = None  # the sum of the run before's fields as oriented
     for index, (pairs, relative) in enumerate(runs):
-        strongest = int(torch.argmax(magnitude[pairs]))
-        pair = pairs[strongest]
         kind = _run_kind(kinds, magnitude, pairs)
         field = _run_field(plane, pairs, relative)
         if _starts_move(-1 if previous is None else pairs[0] - previous - 1, kind, previous_kind, pause_pairs):
-            start = move_signs[kind] * float(directions[pair]) * float(relative[strongest])
+            start = move_signs[kind] * _run_direction(kinds, directions, magnitude, pairs, relative, kind)
         else:  # a turn: the opposite of the direction of the run before (or the same, if it went on)
             start = (1.0 if index in continues else -1.0) * _agreement(previous_field, field, gram)
         signs[pairs] = start * relative
@@ -1197,7 +1230,7 @@ def turn_verdicts(frames, scale, estimate: MotionEstimate, magnitude: torch.Tens
         magnitude: [M] as the rule saw it (rock-gated); runs: ``_moving_runs``.
     """
     frames = _as_frames(frames)
-    kinds, _ = move_directions(estimate.plane, estimate.gram)
+    kinds, _ = move_directions(estimate.plane, _kind_gram(estimate))
     plane, gram = estimate.plane, estimate.gram
     tests = []  # (run index, frame a, frame b, field if it goes on, field if it turns)
     previous, previous_kind, previous_fields = None, None, None
@@ -1239,8 +1272,8 @@ def _oriented_sum(fields: torch.Tensor, gram: torch.Tensor, reference: torch.Ten
     return torch.where(agree[:, None], fields, -fields).sum(0)
 
 
-def orient_moves(frames, scale, estimate: MotionEstimate, calibration: SpeckleCalibration,
-                 oracle: str | None = None, true_plane: torch.Tensor | None = None) -> tuple[torch.Tensor, MotionEstimate]:
+def orient_moves(frames, scale, estimate: MotionEstimate, calibration: SpeckleCalibration, oracle: str | None = None,
+                 true_plane: torch.Tensor | None = None) -> tuple[torch.Tensor, MotionEstimate]:
     """The ``moves`` rule for a scan: its signs [M], with the short stops tested (``turn_verdicts``), and
     ``estimate`` with its quarter turns sized (``sized_quarter_turns``).
 
@@ -1253,10 +1286,10 @@ def orient_moves(frames, scale, estimate: MotionEstimate, calibration: SpeckleCa
     continues = turn_verdicts(frames, scale, estimate, magnitude, runs, calibration)
     signs = _orient_moves(estimate.plane, magnitude, estimate.gram, calibration.stop_threshold_mm,
                           calibration.turn_pairs, calibration.pause_pairs, calibration.move_signs,
-                          calibration.min_run_pairs, runs=runs, continues=continues)
+                          calibration.min_run_pairs, runs=runs, continues=continues, kind_gram=_kind_gram(estimate))
     if oracle is not None:
         height, width = _as_frames(frames).shape[1:]
-        signs = oracle_signs(signs, estimate.plane, magnitude, estimate.gram, runs, true_plane, oracle,
+        signs = oracle_signs(signs, estimate.plane, magnitude, _kind_gram(estimate), runs, true_plane, oracle,
                              calibration.pause_pairs, image_gram(scale, height, width))
     return signs, sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
 
@@ -1277,7 +1310,7 @@ def oracle_signs(signs: torch.Tensor, plane: torch.Tensor, magnitude: torch.Tens
     "Agree": the summed oriented fields' inner product with the summed true ones, ``p^T judge_gram q``, is
     positive (a tie keeps the rule's); ``judge_gram`` None: ``gram``; ``orient_moves`` passes the
     image's (``image_gram``), over which the sign accuracy is scored. ``plane``, ``magnitude`` (as the
-    rule saw it), ``gram``, ``runs``: as the rule used them.
+    rule saw it), ``gram`` (over which it told the kinds of move apart), ``runs``: as the rule used them.
     """
     if oracle not in ORACLES:
         raise InputError(f"oracle {oracle!r} is not one of {list(ORACLES)}")
@@ -1319,7 +1352,7 @@ def sized_quarter_turns(estimate: MotionEstimate, signs: torch.Tensor, magnitude
     """
     if calibration.quarter_turn_deg <= 0:
         return estimate
-    kinds, _ = move_directions(estimate.plane, estimate.gram)
+    kinds, _ = move_directions(estimate.plane, _kind_gram(estimate))
     twist = MOVE_KINDS.index("twist")
     twists, current, previous = [], [], None  # stretches of twist runs (pair indices)
     for pairs, _ in runs:
@@ -1576,7 +1609,7 @@ def calibrate_moves(estimates, stop_threshold_mm: float, rock_candidates=ROCK_CA
     Returns:
         ``(rock_deg, turn_pairs, min_run_pairs, pause_pairs, move_signs)``.
     """
-    directions = [move_directions(estimate.plane, estimate.gram) for estimate, _ in estimates]
+    directions = [move_directions(estimate.plane, _kind_gram(estimate)) for estimate, _ in estimates]
     best, best_cost = None, math.inf
     for rock, turn, min_run in itertools.product(rock_candidates, turn_candidates, min_run_candidates):
         scans = [_run_summaries(estimate, true_plane, kinds, stop_threshold_mm, rock, turn, min_run)
@@ -1600,7 +1633,7 @@ class _RunSummary:
     without orienting every pair again."""
 
     gap: int  # stopped pairs before the run (-1: the scan's first run)
-    kind: int  # of its strongest pair (``move_directions``)
+    kind: int  # ``_run_kind``
     move_factor: float  # the start sign is move_signs[kind] * move_factor at a move's start
     turn_factor: float  # ... and -(the last run's start sign) * turn_factor after a turn
     constant: float  # sum over its pairs of |chained field|^2 + |true field|^2 over the grid
@@ -1619,15 +1652,15 @@ def _run_summaries(estimate: MotionEstimate, true_plane: torch.Tensor, kinds, st
     summaries, previous, previous_field = [], None, None  # the last pair of the run before, and its fields' sum
     for pairs, relative in runs:
         chained = estimate.plane[pairs] * relative[:, None]
-        strongest = int(torch.argmax(estimate.magnitude[pairs]))
-        pair = pairs[strongest]
+        run_kind = _run_kind(kind, estimate.magnitude, pairs)
         field = _run_field(estimate.plane, pairs, relative)
         turn_factor = 1.0 if previous_field is None else _agreement(previous_field, field, gram)
         own = float(true_energy[pairs].sum())
         outside -= own
         summaries.append(_RunSummary(
-            gap=-1 if previous is None else pairs[0] - previous - 1, kind=int(kind[pair]),
-            move_factor=float(direction[pair]) * float(relative[strongest]), turn_factor=turn_factor,
+            gap=-1 if previous is None else pairs[0] - previous - 1, kind=run_kind,
+            move_factor=_run_direction(kind, direction, estimate.magnitude, pairs, relative, run_kind),
+            turn_factor=turn_factor,
             constant=float((chained @ gram * chained).sum()) + own,
             overlap=float((chained @ gram * true_plane[pairs]).sum())))
         previous, previous_field = pairs[-1], field
