@@ -1015,9 +1015,9 @@ def orient_planes(plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tens
       pairs on either side agree as neighbours do); after a stop of fewer than ``pause_pairs`` (a
       turn) as ``continuity``; after a longer one, where the kind of move changes, and at the first
       run, a move starts: its run takes the direction ``move_signs`` gives its kind (``_run_kind``: the
-      kind carrying most of its magnitude; ``move_directions``). Runs whose index (among the runs left) is in ``continues`` go on in
-      the direction of the run before them instead of turning back (``turn_verdicts``, which needs the
-      frames: ``orient_moves``).
+      kind carrying most of its magnitude; ``move_directions``). Runs whose index (among the runs left)
+      is in ``continues`` go on in the direction of the run before them instead of turning back
+      (``turn_verdicts``, which needs the frames: ``orient_moves``).
 
     Args:
         plane: [M, 3] canonical fields (``MotionEstimate.plane``); magnitude: [M] mm; gram: [3, 3];
@@ -1288,15 +1288,13 @@ def orient_moves(frames, scale, estimate: MotionEstimate, calibration: SpeckleCa
                           calibration.turn_pairs, calibration.pause_pairs, calibration.move_signs,
                           calibration.min_run_pairs, runs=runs, continues=continues, kind_gram=_kind_gram(estimate))
     if oracle is not None:
-        height, width = _as_frames(frames).shape[1:]
         signs = oracle_signs(signs, estimate.plane, magnitude, _kind_gram(estimate), runs, true_plane, oracle,
-                             calibration.pause_pairs, image_gram(scale, height, width))
+                             calibration.pause_pairs)
     return signs, sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
 
 
 def oracle_signs(signs: torch.Tensor, plane: torch.Tensor, magnitude: torch.Tensor, gram: torch.Tensor, runs,
-                 true_plane: torch.Tensor, oracle: str, pause_pairs: int, judge_gram: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 true_plane: torch.Tensor, oracle: str, pause_pairs: int) -> torch.Tensor:
     """The ``moves`` rule's ``signs`` [M] with part of the direction taken from the true fields ``true_plane``
     [M, 3]: where the rule loses, never a prediction (it reads the truth).
 
@@ -1307,10 +1305,10 @@ def oracle_signs(signs: torch.Tensor, plane: torch.Tensor, magnitude: torch.Tens
     - ``pairs``: every pair with a measured field given its true direction, stops and rocks included (the
       best any sign can do with the measured sizes).
 
-    "Agree": the summed oriented fields' inner product with the summed true ones, ``p^T judge_gram q``, is
-    positive (a tie keeps the rule's); ``judge_gram`` None: ``gram``; ``orient_moves`` passes the
-    image's (``image_gram``), over which the sign accuracy is scored. ``plane``, ``magnitude`` (as the
-    rule saw it), ``gram`` (over which it told the kinds of move apart), ``runs``: as the rule used them.
+    "Agree": the summed oriented fields' inner product with the summed true ones, ``p^T gram q``, is
+    positive (a tie keeps the rule's). ``plane``, ``magnitude`` (as the rule saw it), ``gram`` (over which
+    it told the kinds of move apart: ``orient_moves`` passes ``MotionEstimate.kind_gram``, the image's, over
+    which the sign accuracy is scored too), ``runs``: as the rule used them.
     """
     if oracle not in ORACLES:
         raise InputError(f"oracle {oracle!r} is not one of {list(ORACLES)}")
@@ -1318,13 +1316,12 @@ def oracle_signs(signs: torch.Tensor, plane: torch.Tensor, magnitude: torch.Tens
         raise InputError(f"the {oracle!r} oracle needs the true fields of the {len(plane)} pairs, got "
                          f"{None if true_plane is None else tuple(true_plane.shape)}")
     true_plane = true_plane.to(torch.float64)
-    judge_gram = gram if judge_gram is None else judge_gram
     if oracle == "pairs":
-        inner = (plane @ judge_gram * true_plane).sum(-1)
+        inner = (plane @ gram * true_plane).sum(-1)
         return torch.where(inner < 0, -1.0, torch.where(inner > 0, 1.0, signs)).to(torch.float64)
 
     def agreement(pairs: list[int]) -> float:
-        inner = float((plane[pairs] * signs[pairs, None]).sum(0) @ judge_gram @ true_plane[pairs].sum(0))
+        inner = float((plane[pairs] * signs[pairs, None]).sum(0) @ gram @ true_plane[pairs].sum(0))
         return -1.0 if inner < 0 else 1.0
 
     result = signs.clone()
