@@ -1134,8 +1134,9 @@ def _starts_move(gap: int, kind: int, last_kind, pause_pairs: int) -> bool:
 def _run_kind(kinds: torch.Tensor, magnitude: torch.Tensor, pairs: list[int]) -> int:
     """A run's kind of move: the kind whose pairs carry most of the run's summed magnitude (``kinds`` from
     ``move_directions``; a tie: the first). Not that of its strongest pair alone: a twist's pairs where
-    few patches correlate are now and then fitted as a tilt about a line across the image, larger than
-    the twist's own fields (data/habit_dev2, a quarter turn taken for a fan and given a fan's direction)."""
+    few patches correlate are now and then fitted as a tilt about a line across the image, the strongest
+    of them too (data/habit_dev2: 9 of a quarter turn's 33 pairs, which was taken for a fan and given a
+    fan's direction)."""
     index = torch.as_tensor(pairs)
     weight = torch.zeros(len(MOVE_KINDS), dtype=torch.float64).index_add_(0, kinds[index],
                                                                           magnitude[index].to(torch.float64))
