@@ -412,8 +412,8 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
         curve.check_rule(args.speckle_sign)
     train, refs = speckle_split(find_scans(data_root), args.split, calibrated=curve is not None)
     sizes = check_scans(list(dict.fromkeys(train + refs)))  # before any work, as for the network
-    out_dir = Path(args.out) if args.out is not None else default_speckle_out_dir(data_root, args.split,
-                                                                                  args.speckle_sign, args.speckle_oracle)
+    out_dir = Path(args.out) if args.out is not None else \
+        default_speckle_out_dir(data_root, args.split, args.speckle_sign, args.speckle_oracle)
     if args.save_ddfs:
         check_free_space_for_ddfs({ref.key: sizes[ref.key] for ref in refs}, out_dir)
     if args.num_threads is not None:
