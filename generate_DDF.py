@@ -37,7 +37,7 @@ the right one (``oop_sign_agree``) and the moves of the true motion holding them
 since the pairs of one move are not independent trials. Scored exactly
 like the network: same tables, files and plots. ``--speckle_oracle`` (with ``--speckle_sign moves``)
 is a diagnostic, not a prediction: it gives the rule the true direction of each move's start, each
-run or each pair (``utils.speckle.oracle_signs``), to show what each part of the rule costs; its
+run or each pair (``utils.speckle_sign.oracle_signs``), to show what each part of the rule costs; its
 output folder, log and tables say so.
 
 Output folder (default ``<checkpoint's folder>/generate-<split>[-<dataset>]/``, for the speckle
@@ -74,7 +74,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils import metrics, moves, speckle
+from utils import metrics, moves, speckle, speckle_scan, speckle_sign
 from utils.atomic import atomic_path
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, ScanFile, ScanRef, check_scans, find_scans, read_scan
@@ -161,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--method speckle: out-of-plane direction rule; zero (default) predicts no "
                              "out-of-plane motion, continuity keeps the direction and reverses it after each stop, "
                              "moves reverses it at turns and starts each move the way training moves of its kind did")
-    parser.add_argument("--speckle_oracle", choices=speckle.ORACLES, default=None,
+    parser.add_argument("--speckle_oracle", choices=speckle_sign.ORACLES, default=None,
                         help="--method speckle --speckle_sign moves, a diagnostic (it reads the true motion): give "
                              "the rule the true direction of each move's start, each run or each pair")
     return parser
@@ -423,7 +423,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
     def evaluate(ref: ScanRef):
         scan = read_scan(ref)
         true_local = None if args.speckle_oracle is None else true_transforms(scan.tforms, calibration)[1]
-        global_pred, local_pred, seconds = speckle.predict_scan_speckle(scan.frames, scale, curve, args.speckle_sign,
+        global_pred, local_pred, seconds = speckle_scan.predict_scan_speckle(scan.frames, scale, curve, args.speckle_sign,
                                                                         args.speckle_oracle, true_local)
         result = score_prediction(ref, scan, calibration, global_pred, local_pred, seconds)
         add_sign_columns(result, scale)
@@ -434,7 +434,7 @@ def main_speckle(args) -> tuple[Path, pd.DataFrame]:
             log.info("calibrating the speckle decorrelation curve on the %d scans of the training folds %s",
                      len(train), list(TRAIN_FOLDS))
             started = time.perf_counter()
-            curve = speckle.calibrate(
+            curve = speckle_scan.calibrate(
                 _first_frames(train, SPECKLE_CALIBRATION_FRAMES), scale, calibration.calib_R_T, poses=_poses(train),
                 source=f"{data_root}: training folds {list(TRAIN_FOLDS)} of subject_folds(subjects, "
                        f"{DEFAULT_NUM_FOLDS}, {DEFAULT_SPLIT_SEED}), {len(train)} scans, at most "
@@ -467,7 +467,7 @@ def add_sign_columns(result: ScanResult, scale) -> None:
     plane (``oop_moving_pairs``, more than ``SIGN_MIN_RMS_MM`` RMS over the image), those of them given
     a direction (``oop_sign_counted``) and those given the right one (``oop_sign_agree``), and the moves
     of the true motion with a pair given a direction (``oop_moves``); keep the counts per move."""
-    agree, counted, moving = speckle.out_of_plane_sign_pairs(
+    agree, counted, moving = speckle_sign.out_of_plane_sign_pairs(
         result.local_pred, result.local_true, scale, *result.frame_size, min_rms_mm=SIGN_MIN_RMS_MM)
     result.move_sign_counts = moves.counts_per_segment(moves.move_segments(result.local_true), agree, counted)
     result.extra_columns.update(oop_sign_agree=int(agree.sum()), oop_sign_counted=int(counted.sum()),

@@ -1,4 +1,4 @@
-"""Speckle tracking (utils/speckle.py) and ``generate_DDF.py --method speckle``.
+"""Speckle tracking (utils/speckle.py, speckle_sign.py, speckle_scan.py) and ``generate_DDF.py --method speckle``.
 
 Expected values are independent of the code under test: synthetic speckle moved by a known rigid
 transform (sampled through scipy's spline interpolation), correlations drawn from a known curve,
@@ -21,7 +21,7 @@ from scipy import ndimage
 
 import generate_DDF
 from simulation.dataset import generate_dataset
-from utils import metrics, speckle
+from utils import metrics, speckle, speckle_scan, speckle_sign
 from utils import transform as tf
 from utils.calibration import load_calibration
 from utils.challenge_data import CALIB_FILE, find_scans, read_scan
@@ -85,7 +85,7 @@ def test_sub_pixel_translation_is_recovered(field):
     tform = np.eye(4)
     tform[:3, 3] = [0.537, -0.318, 0.0]
     frames = np.stack([render(field, np.eye(4), HEIGHT, WIDTH, PAD), render(field, tform, HEIGHT, WIDTH, PAD)])
-    global_, local, seconds = speckle.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_ZERO)
+    global_, local, seconds = speckle_scan.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_ZERO)
     assert global_.shape == local.shape == (1, 4, 4) and global_.dtype == local.dtype == torch.float64
     assert seconds > 0
     a_z, t_x, t_y = in_plane_params(local[0]).tolist()
@@ -103,7 +103,7 @@ def test_small_in_plane_rotation_is_recovered(field):
     tform[:3, :3] = rotation
     tform[:3, 3] = centre - rotation @ centre
     frames = np.stack([render(field, np.eye(4), HEIGHT, WIDTH, PAD), render(field, tform, HEIGHT, WIDTH, PAD)])
-    _, local, _ = speckle.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_ZERO)
+    _, local, _ = speckle_scan.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_ZERO)
     a_z, t_x, t_y = in_plane_params(local[0]).tolist()
     assert abs(a_z - angle) < 5e-4  # rad (0.03 degrees)
     assert abs(t_x - tform[0, 3]) < 0.03 and abs(t_y - tform[1, 3]) < 0.03  # mm
@@ -119,14 +119,14 @@ def test_black_patches_are_skipped_and_any_frame_size_works(field):
     measured = speckle.measure_pairs(frames, SCALE, speckle.SpeckleSettings())
     assert len(measured.centres_mm) > 0
     assert measured.centres_mm[:, 0].max() < width // 2 * SCALE[0, 0]  # no patch centre in the black half
-    _, local, _ = speckle.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_ZERO)
+    _, local, _ = speckle_scan.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_ZERO)
     _, t_x, t_y = in_plane_params(local[0]).tolist()
     assert abs(t_x - 0.3) < 0.03 and abs(t_y - 0.2) < 0.03
 
 
 def test_pairs_without_signal_get_the_identity():
     frames = np.zeros((3, 120, 160), np.uint8)
-    global_, local, _ = speckle.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_CONTINUITY)
+    global_, local, _ = speckle_scan.predict_scan_speckle(frames, SCALE, curve_only(), speckle.SIGN_CONTINUITY)
     torch.testing.assert_close(local, torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
     torch.testing.assert_close(global_, local)
 
@@ -200,7 +200,7 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         speckle.SpeckleCalibration.load(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="pixels of"):
-        speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE * 2, calibration)
+        speckle_scan.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE * 2, calibration)
     # A calibration from before the moves rule (no pause) reads, but cannot drive that rule.
     old = {k: v for k, v in record.items()
            if k not in ("turn_pairs", "min_run_pairs", "rock_deg", "pause_pairs", "move_signs", "quarter_turn_deg")}
@@ -210,7 +210,7 @@ def test_calibration_json_round_trip_and_clear_errors(tmp_path):
             before.quarter_turn_deg) == (1, 1, 0.0, 0, (1, 1), 0.0)
     before.check_rule(speckle.SIGN_CONTINUITY)
     with pytest.raises(ValueError, match="no 'pause_pairs'.*calibrate again"):
-        speckle.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE, before, speckle.SIGN_MOVES)
+        speckle_scan.predict_scan_speckle(np.zeros((2, 64, 64), np.uint8), SCALE, before, speckle.SIGN_MOVES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ GRAM = GRID.T @ GRID
 
 def test_zero_rule_gives_no_direction():
     canonical, _ = fan_planes([0.02, 0.03, -0.01])
-    signs = speckle.orient_planes(canonical, torch.ones(3), GRAM, speckle.SIGN_ZERO)
+    signs = speckle_sign.orient_planes(canonical, torch.ones(3), GRAM, speckle.SIGN_ZERO)
     assert signs.tolist() == [0.0, 0.0, 0.0]
 
 
@@ -239,16 +239,16 @@ def test_continuity_keeps_the_direction_and_reverses_after_a_stop():
     velocity = [0.02, 0.03, 0.03, 0.001, 0.0005, -0.02, -0.03, 0.001, 0.02]
     canonical, true = fan_planes(velocity)
     magnitude = (canonical @ GRAM * canonical).sum(-1).div(len(GRID)).sqrt()
-    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, stop_threshold_mm=0.1)
+    signs = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, stop_threshold_mm=0.1)
     assert signs.tolist() == [1, 1, 1, 0, 0, -1, -1, 0, 1]
-    agree, counted = speckle.sign_agreement(canonical * signs[:, None], true, GRAM, min_rms_mm=0.1)
+    agree, counted = speckle_sign.sign_agreement(canonical * signs[:, None], true, GRAM, min_rms_mm=0.1)
     assert counted.tolist() == [True, True, True, False, False, True, True, False, True]
     assert bool(agree[counted].all())
     # The first direction is a convention: the other one makes every counted pair wrong.
-    flipped = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, 0.1, initial_sign=-1)
+    flipped = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, 0.1, initial_sign=-1)
     assert torch.equal(flipped, -signs)
     # Without a stop below the threshold there is no reversal.
-    never = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, stop_threshold_mm=0.0)
+    never = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, stop_threshold_mm=0.0)
     assert never.tolist() == [1.0] * len(velocity)
 
 
@@ -259,7 +259,7 @@ def test_continuity_follows_a_field_whose_canonical_orientation_flips():
                         dtype=torch.float64)
     centroid = GRID.mean(dim=0)
     canonical = torch.where((true @ centroid)[:, None] < 0, -true, true)
-    signs = speckle.orient_planes(canonical, torch.ones(3), GRAM, speckle.SIGN_CONTINUITY, 0.0)
+    signs = speckle_sign.orient_planes(canonical, torch.ones(3), GRAM, speckle.SIGN_CONTINUITY, 0.0)
     oriented = canonical * signs[:, None]
     assert ((oriented @ GRAM * oriented[0]).sum(-1) > 0).all()
 
@@ -279,7 +279,7 @@ def rms(planes):
 def test_move_directions_tell_a_tilt_from_a_twist():
     tilt, _ = fan_planes([0.02, -0.03])
     twist, _ = twist_planes([0.01, -0.02])
-    kinds, directions = speckle.move_directions(torch.cat([tilt, twist, -tilt, -twist]), GRAM)
+    kinds, directions = speckle_sign.move_directions(torch.cat([tilt, twist, -tilt, -twist]), GRAM)
     assert [speckle.MOVE_KINDS[k] for k in kinds] == ["tilt"] * 2 + ["twist"] * 2 + ["tilt"] * 2 + ["twist"] * 2
     # tilt: the sign of the mean displacement (v y, y > 0); twist: the sign of the lateral slope
     assert directions.tolist() == [1, 1, 1, 1, -1, -1, -1, -1]
@@ -306,39 +306,39 @@ def habit_scan(fan_sign: float = 1.0, twist_sign: float = 1.0):
 def test_moves_rule_passes_flickers_reverses_at_turns_and_starts_each_move_the_habitual_way():
     canonical, true = habit_scan()
     magnitude = rms(canonical)
-    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=8,
+    signs = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=8,
                                   move_signs=(1, -1))
     moving = magnitude >= 0.1
     oriented = canonical * signs[:, None]
     assert torch.allclose(oriented[moving], true[moving]) and (signs[~moving] == 0).all()
     # continuity takes the flicker for a turn and the pauses for turns: wrong from the flicker on
-    continuity = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, 0.1)
+    continuity = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_CONTINUITY, 0.1)
     wrong = (canonical * continuity[:, None] @ GRAM * true).sum(-1) < 0
     assert not wrong[0] and wrong[2:4].all() and wrong[SECOND_FAN:].any()
     # every stop a turn and no pause: continuity itself
-    assert torch.equal(speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
+    assert torch.equal(speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
                                              pause_pairs=1000), continuity)
     with pytest.raises(ValueError, match="1 <= turn_pairs < pause_pairs"):
-        speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=0)
+        speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=0)
 
 
 def test_oracles_take_the_true_direction_of_move_starts_runs_or_pairs():
     canonical, true = habit_scan()
     magnitude = rms(canonical)
     moving = magnitude >= 0.1
-    runs = speckle._moving_runs(canonical, magnitude, GRAM, 0.1, turn_pairs=2)
-    rule = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=8,
+    runs = speckle_sign._moving_runs(canonical, magnitude, GRAM, 0.1, turn_pairs=2)
+    rule = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=8,
                                  move_signs=(1, -1))
     assert torch.allclose((canonical * rule[:, None])[moving], true[moving])  # the habit's own rule: all right
 
     def oracle(signs, kind):
-        return speckle.oracle_signs(signs, canonical, magnitude, GRAM, runs, true, kind, pause_pairs=8)
+        return speckle_sign.oracle_signs(signs, canonical, magnitude, GRAM, runs, true, kind, pause_pairs=8)
 
     def right(signs):  # per pair, over the moving pairs: the direction agrees with the truth
         return ((canonical * signs[:, None] @ GRAM * true).sum(-1) > 0)[moving]
 
     # Every move started the wrong way (the other habit): the move-start oracle mends all of it, turns included.
-    wrong_starts = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2,
+    wrong_starts = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2,
                                          pause_pairs=8, move_signs=(-1, 1))
     assert not right(wrong_starts).any()
     assert torch.equal(oracle(wrong_starts, "move_starts"), rule)
@@ -358,7 +358,7 @@ def test_oracles_take_the_true_direction_of_move_starts_runs_or_pairs():
     with pytest.raises(ValueError, match="not one of"):
         oracle(rule, "frames")
     with pytest.raises(ValueError, match="true fields"):
-        speckle.oracle_signs(rule, canonical, magnitude, GRAM, runs, true[:3], "runs", 8)
+        speckle_sign.oracle_signs(rule, canonical, magnitude, GRAM, runs, true[:3], "runs", 8)
 
 
 @pytest.mark.parametrize(("fan_sign", "twist_sign", "expected"), [(1.0, 1.0, (1, -1)), (-1.0, -1.0, (-1, 1))])
@@ -366,7 +366,7 @@ def test_calibrate_moves_finds_the_turns_the_pauses_and_the_habit(fan_sign, twis
     canonical, true = habit_scan(fan_sign, twist_sign)
     estimate = speckle.MotionEstimate(torch.zeros(len(true)), torch.zeros(len(true), 2), canonical, rms(canonical),
                                       GRAM)
-    rock, turn, min_run, pause, move_signs = speckle.calibrate_moves([(estimate, true)] * 3, 0.1)
+    rock, turn, min_run, pause, move_signs = speckle_sign.calibrate_moves([(estimate, true)] * 3, 0.1)
     # Flickers of 1 pair, turns of 4-5, pauses of 12: turns from 2 to 4 pairs, pauses from 6 to 12 tell them
     # apart; every run of moving pairs is real (2 pairs or more), so none may be passed over.
     assert 2 <= turn <= 4 and min_run == 1 and 6 <= pause <= 12 and move_signs == expected
@@ -383,15 +383,15 @@ def test_calibration_cost_of_the_moves_rule_is_the_oriented_fields_error():
         + 0.05 * torch.randn(count, 3, generator=generator, dtype=torch.float64)
     angle = 0.01 * torch.randn(count, generator=generator, dtype=torch.float64)
     estimate = speckle.MotionEstimate(angle, torch.zeros(count, 2, dtype=torch.float64), plane, rms(plane), GRAM)
-    kinds = speckle.move_directions(plane, GRAM)
+    kinds = speckle_sign.move_directions(plane, GRAM)
     for rock, turn, min_run, pause, move_signs in [(0.0, 1, 1, 4, (1, 1)), (0.35, 2, 3, 6, (-1, 1)),
                                                    (0.5, 4, 8, 12, (1, -1))]:
-        summary = speckle._run_summaries(estimate, true, kinds, 0.3, rock, turn, min_run)
-        signs = speckle.orient_planes(plane, speckle.rock_gated(rms(plane), angle, rock), GRAM, speckle.SIGN_MOVES,
+        summary = speckle_sign._run_summaries(estimate, true, kinds, 0.3, rock, turn, min_run)
+        signs = speckle_sign.orient_planes(plane, speckle_sign.rock_gated(rms(plane), angle, rock), GRAM, speckle.SIGN_MOVES,
                                       0.3, turn_pairs=turn, pause_pairs=pause, move_signs=move_signs,
                                       min_run_pairs=min_run)
         error = plane * signs[:, None] - true
-        assert speckle._moves_cost(summary, pause, move_signs) == pytest.approx(float((error @ GRAM * error).sum()),
+        assert speckle_sign._moves_cost(summary, pause, move_signs) == pytest.approx(float((error @ GRAM * error).sum()),
                                                                                 rel=1e-9)
 
 
@@ -404,20 +404,20 @@ def test_a_rock_counts_as_stopped_under_the_moves_rule():
     true[5:15] = 0.0  # the rock has no out-of-plane motion
     angle = torch.zeros(len(velocity), dtype=torch.float64)
     angle[5:15] = math.radians(1.0)
-    gated = speckle.rock_gated(rms(canonical), angle, 0.35)
+    gated = speckle_sign.rock_gated(rms(canonical), angle, 0.35)
     assert (gated[5:15] == 0).all() and torch.equal(gated[:5], rms(canonical)[:5])
-    assert torch.equal(speckle.rock_gated(rms(canonical), angle, 0.0), rms(canonical))
+    assert torch.equal(speckle_sign.rock_gated(rms(canonical), angle, 0.0), rms(canonical))
     # The hand's tremor turns the plane in itself by as much, but back and forth from pair to pair:
     # a fan with it is no rock.
     tremor = torch.full((len(velocity),), math.radians(0.6)) * torch.tensor([(-1.0) ** i for i in range(len(velocity))])
-    assert torch.equal(speckle.rock_gated(rms(canonical), tremor.double(), 0.35), rms(canonical))
-    signs = speckle.orient_planes(canonical, gated, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1, pause_pairs=8)
+    assert torch.equal(speckle_sign.rock_gated(rms(canonical), tremor.double(), 0.35), rms(canonical))
+    signs = speckle_sign.orient_planes(canonical, gated, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1, pause_pairs=8)
     assert signs.tolist() == [1, 1, 1] + [0] * 14 + [1, 1]
-    ungated = speckle.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
+    ungated = speckle_sign.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
                                     pause_pairs=8)
     assert ungated[5:15].tolist() == [-1] * 10  # the rock given out-of-plane motion, as the way back
     estimate = speckle.MotionEstimate(angle, torch.zeros(len(true), 2), canonical, rms(canonical), GRAM)
-    rock, *_ = speckle.calibrate_moves([(estimate, true)] * 2, 0.1)
+    rock, *_ = speckle_sign.calibrate_moves([(estimate, true)] * 2, 0.1)
     assert 0 < rock < 1.0
 
 
@@ -426,10 +426,10 @@ def test_moves_rule_passes_over_a_run_too_short_to_be_a_swing():
     velocity = [0.02, 0.03, 0.03] + STOP * 5 + [0.01] + STOP * 5 + [-0.03, -0.02]
     canonical, true = fan_planes(velocity)
     magnitude = rms(canonical)
-    kept = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20,
+    kept = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20,
                                  min_run_pairs=2)
     assert kept.tolist() == [1, 1, 1] + [0] * 11 + [-1, -1]
-    taken = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20)
+    taken = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=2, pause_pairs=20)
     assert taken.tolist() == [1, 1, 1] + [0] * 5 + [-1] + [0] * 5 + [1, 1]  # the lone pair taken for a turn
 
 
@@ -446,7 +446,7 @@ def test_a_turn_is_judged_by_whole_runs_not_by_their_noisy_end_pairs():
     canonical = torch.stack([tilt] * 3 + [last] + [stop] * 5 + [first] + [tilt] * 3)
     true = torch.stack([tilt] * 3 + [last] + [stop] * 5 + [first] + [-tilt] * 3)
     assert float(last @ GRAM @ tilt) > 0 and float(first @ GRAM @ tilt) < 0 and float(last @ GRAM @ first) > 0
-    signs = speckle.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
+    signs = speckle_sign.orient_planes(canonical, rms(canonical), GRAM, speckle.SIGN_MOVES, 0.1, turn_pairs=1,
                                   pause_pairs=8)
     moving = rms(canonical) >= 0.1
     oriented = canonical * signs[:, None]
@@ -482,12 +482,12 @@ def test_quarter_turn_is_the_median_net_twist_of_the_training_moves():
     local = [local_from(a_y=scan) for scan in scans] + [local_from(a_x=fans)]
     # median of 80, 100 and 93; a move's segment leaves out the slowest pairs at its ends (under 0.2
     # degrees per pair once smoothed), a few tenths of a degree of a quarter turn
-    assert speckle.calibrate_quarter_turn(local) == pytest.approx(93.0, abs=0.5)
-    assert speckle.calibrate_quarter_turn(local[:2]) == pytest.approx(90.0, abs=0.5)
-    assert speckle.calibrate_quarter_turn([local_from(a_x=fans)]) == 0.0  # fans only: none
-    assert speckle.calibrate_quarter_turn([torch.zeros(0, 4, 4, dtype=torch.float64)]) == 0.0  # a one-frame scan
+    assert speckle_sign.calibrate_quarter_turn(local) == pytest.approx(93.0, abs=0.5)
+    assert speckle_sign.calibrate_quarter_turn(local[:2]) == pytest.approx(90.0, abs=0.5)
+    assert speckle_sign.calibrate_quarter_turn([local_from(a_x=fans)]) == 0.0  # fans only: none
+    assert speckle_sign.calibrate_quarter_turn([torch.zeros(0, 4, 4, dtype=torch.float64)]) == 0.0  # a one-frame scan
     cut = np.concatenate([still, turn(92)[:30]])  # the scan ends within the turn: 78 degrees of 92, not counted
-    assert speckle.calibrate_quarter_turn(local[:2] + [local_from(a_y=cut)]) == pytest.approx(90.0, abs=0.5)
+    assert speckle_sign.calibrate_quarter_turn(local[:2] + [local_from(a_y=cut)]) == pytest.approx(90.0, abs=0.5)
 
 
 def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
@@ -498,18 +498,18 @@ def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
                                              pause_pairs=8, quarter_turn_deg=90.0)
     estimate = speckle.MotionEstimate(torch.zeros(len(rates), dtype=torch.float64),
                                       torch.zeros(len(rates), 2, dtype=torch.float64), canonical, magnitude, GRAM)
-    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
-    a_y = lambda e: np.degrees(speckle.motion_parameters(e, signs)[:, 1].numpy())  # noqa: E731
+    signs = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
+    a_y = lambda e: np.degrees(speckle_sign.motion_parameters(e, signs)[:, 1].numpy())  # noqa: E731
     before = a_y(estimate)
     assert abs(before[:20].sum()) == pytest.approx(np.degrees(np.arcsin(0.03)) * 20)  # 34.4 > 0.35 x 90
-    runs = speckle._moving_runs(canonical, magnitude, GRAM, 0.1)
-    sized = speckle.sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
+    runs = speckle_sign._moving_runs(canonical, magnitude, GRAM, 0.1)
+    sized = speckle_sign.sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
     after = a_y(sized)
     assert abs(after[:20].sum()) == pytest.approx(90.0, abs=0.2)  # resized (to first order: a_Y = -asin p1)
     np.testing.assert_allclose(after[20:], before[20:])  # 14 degrees: no quarter turn, as measured
     torch.testing.assert_close(sized.magnitude[:20], magnitude[:20] * 90.0 / abs(before[:20].sum()))
     unsized = dataclasses.replace(calibration, quarter_turn_deg=0.0)
-    assert speckle.sized_quarter_turns(estimate, signs, magnitude, runs, unsized) is estimate
+    assert speckle_sign.sized_quarter_turns(estimate, signs, magnitude, runs, unsized) is estimate
 
 
 def test_a_run_is_of_the_kind_carrying_most_of_its_motion_not_of_its_strongest_pair():
@@ -521,9 +521,9 @@ def test_a_run_is_of_the_kind_carrying_most_of_its_motion_not_of_its_strongest_p
     canonical[[3, 6]] = misfit
     magnitude = rms(canonical)
     assert int(torch.argmax(magnitude)) in (3, 6) and magnitude[[3, 6]].sum() < magnitude.sum() / 2
-    kinds, _ = speckle.move_directions(canonical, GRAM)
-    assert speckle.MOVE_KINDS[speckle._run_kind(kinds, magnitude, list(range(10)))] == "twist"
-    signs = speckle.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8,
+    kinds, _ = speckle_sign.move_directions(canonical, GRAM)
+    assert speckle.MOVE_KINDS[speckle_sign._run_kind(kinds, magnitude, list(range(10)))] == "twist"
+    signs = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8,
                                   move_signs=(1, -1))
     twists = [i for i in range(10) if i not in (3, 6)]
     agree = ((canonical * signs[:, None]) @ GRAM * true).sum(-1)[twists]
@@ -543,23 +543,23 @@ def test_a_twist_seen_through_patches_on_one_side_of_the_probe_axis_is_still_a_t
     true = torch.tensor([[-r * axis, r, 0.0] for r in rates], dtype=torch.float64)
     canonical = torch.where((true @ patches.mean(0))[:, None] < 0, -true, true)  # positive at the grid's centroid
     magnitude = (canonical @ patch_gram * canonical).sum(-1).div(len(patches)).sqrt()
-    kinds_patches, _ = speckle.move_directions(canonical[6:7], patch_gram)
-    kinds_image, _ = speckle.move_directions(canonical[6:7], image)
+    kinds_patches, _ = speckle_sign.move_directions(canonical[6:7], patch_gram)
+    kinds_image, _ = speckle_sign.move_directions(canonical[6:7], image)
     assert speckle.MOVE_KINDS[int(kinds_patches)] == "tilt" and speckle.MOVE_KINDS[int(kinds_image)] == "twist"
     calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
                                              pause_pairs=8, move_signs=(1, -1), quarter_turn_deg=90.0)
     zeros = torch.zeros(len(rates), dtype=torch.float64)
     estimate = speckle.MotionEstimate(zeros, torch.zeros(len(rates), 2, dtype=torch.float64), canonical, magnitude,
                                       patch_gram, image)
-    runs = speckle._moving_runs(canonical, magnitude, patch_gram, 0.1)
+    runs = speckle_sign._moving_runs(canonical, magnitude, patch_gram, 0.1)
     for kind_gram, right in ((image, True), (None, False)):
-        signs = speckle.orient_planes(canonical, magnitude, patch_gram, speckle.SIGN_MOVES, 0.1, pause_pairs=8,
+        signs = speckle_sign.orient_planes(canonical, magnitude, patch_gram, speckle.SIGN_MOVES, 0.1, pause_pairs=8,
                                       move_signs=(1, -1), kind_gram=kind_gram)
         agree = ((canonical * signs[:, None]) @ patch_gram * true).sum(-1)[6:36] > 0
         assert bool(agree.all()) == right and bool((~agree).all()) == (not right)
-        sized = speckle.sized_quarter_turns(dataclasses.replace(estimate, kind_gram=kind_gram), signs, magnitude,
+        sized = speckle_sign.sized_quarter_turns(dataclasses.replace(estimate, kind_gram=kind_gram), signs, magnitude,
                                             runs, calibration)
-        a_y = np.degrees(speckle.motion_parameters(sized, signs)[:, 1].sum().item())
+        a_y = np.degrees(speckle_sign.motion_parameters(sized, signs)[:, 1].sum().item())
         assert abs(a_y) == pytest.approx(90.0 if right else np.degrees(np.arcsin(0.03)) * 30, abs=0.2)
     # estimate_motion judges kinds over the frames' whole image.
     measured = speckle.PairMeasurements(torch.arange(1, 3), patches[:, 1:], torch.zeros(2, 9, 2),
@@ -575,9 +575,9 @@ def test_sign_accuracy_counts_pairs_over_the_image():
     true = tf.params_to_matrix(params)
     mirrored = params.clone()
     mirrored[:, [1, 2, 5]] *= -1
-    right = speckle.out_of_plane_sign_accuracy(true, true, SCALE, 480, 640)
-    wrong = speckle.out_of_plane_sign_accuracy(tf.params_to_matrix(mirrored), true, SCALE, 480, 640)
-    none = speckle.out_of_plane_sign_accuracy(torch.eye(4, dtype=torch.float64).expand(3, 4, 4), true, SCALE, 480, 640)
+    right = speckle_sign.out_of_plane_sign_accuracy(true, true, SCALE, 480, 640)
+    wrong = speckle_sign.out_of_plane_sign_accuracy(tf.params_to_matrix(mirrored), true, SCALE, 480, 640)
+    none = speckle_sign.out_of_plane_sign_accuracy(torch.eye(4, dtype=torch.float64).expand(3, 4, 4), true, SCALE, 480, 640)
     assert right == (2, 2, 2) and wrong == (0, 2, 2) and none == (0, 0, 2)
 
 
@@ -588,7 +588,7 @@ def test_motion_parameters_reproduce_the_elevational_field():
     tform = tf.params_to_matrix(params)
     estimate = speckle.MotionEstimate(params[:1], params[None, 3:5], speckle.plane_of_transforms(tform)[None],
                                       torch.ones(1), GRAM)
-    rebuilt = tf.params_to_matrix(speckle.motion_parameters(estimate, torch.ones(1)))
+    rebuilt = tf.params_to_matrix(speckle_sign.motion_parameters(estimate, torch.ones(1)))
     torch.testing.assert_close(rebuilt[0], tform)
 
 
@@ -609,13 +609,13 @@ def test_simulated_scan_in_plane_motion_beats_no_motion(tiny5_root):
     refs = find_scans(tiny5_root)
     calibration = load_calibration(tiny5_root / CALIB_FILE)
     scale = np.array(calibration.scale)
-    curve = speckle.calibrate(((s.frames, s.tforms) for s in map(read_scan, refs[:4])), scale,
+    curve = speckle_scan.calibrate(((s.frames, s.tforms) for s in map(read_scan, refs[:4])), scale,
                               calibration.calib_R_T)
     for ref in refs[4:6]:
         scan = read_scan(ref)
         height, width = scan.frame_size
         _, local_true = true_transforms(scan.tforms, calibration)
-        global_, local, _ = speckle.predict_scan_speckle(scan.frames, scale, curve, speckle.SIGN_ZERO)
+        global_, local, _ = speckle_scan.predict_scan_speckle(scan.frames, scale, curve, speckle.SIGN_ZERO)
         torch.testing.assert_close(global_, tf.chain_local_transforms(local))
         # The in-plane part of the truth: its out-of-plane parameters set to zero.
         params = tf.matrix_to_params(local_true)
@@ -655,7 +655,7 @@ def test_generate_ddf_speckle_end_to_end(tiny5_root, tmp_path):
     assert speckle.SpeckleCalibration.load(again / speckle.CALIBRATION_FILE) == calibration
     zero = pd.read_csv(again / "scores.csv")
     assert len(zero) == 2 and (zero["oop_sign_counted"] == 0).all() and np.isfinite(zero["GPE"]).all()
-    assert calibration.pause_pairs in speckle.PAUSE_CANDIDATES  # calibrated with the rest
+    assert calibration.pause_pairs in speckle_sign.PAUSE_CANDIDATES  # calibrated with the rest
     moves, _ = generate_DDF.main(["--method", "speckle", "--data_path", str(tiny5_root), "--out",
                                   str(tmp_path / "moves"), "--speckle_calibration", str(out / speckle.CALIBRATION_FILE),
                                   "--split", "val", "--speckle_sign", "moves"])
@@ -742,10 +742,10 @@ def moves_of(frame_at, positions, curve):
     """The ``moves`` rule's signs and turn verdicts for frames at elevational ``positions`` (mm)."""
     frames = np.stack([frame_at(z) for z in positions])
     estimate = speckle.estimate_motion(speckle.measure_pairs(frames, SCALE, curve.settings), curve)
-    runs = speckle._moving_runs(estimate.plane, estimate.magnitude, estimate.gram, curve.stop_threshold_mm,
+    runs = speckle_sign._moving_runs(estimate.plane, estimate.magnitude, estimate.gram, curve.stop_threshold_mm,
                                 curve.turn_pairs, curve.min_run_pairs)
-    verdicts = speckle.turn_verdicts(frames, SCALE, estimate, estimate.magnitude, runs, curve)
-    return speckle.orient_moves(frames, SCALE, estimate, curve)[0], runs, verdicts
+    verdicts = speckle_sign.turn_verdicts(frames, SCALE, estimate, estimate.magnitude, runs, curve)
+    return speckle_sign.orient_moves(frames, SCALE, estimate, curve)[0], runs, verdicts
 
 
 def test_turn_test_tells_a_fan_that_turned_back_from_one_that_went_on(elevational_speckle):
@@ -764,6 +764,6 @@ def test_turn_test_tells_a_fan_that_turned_back_from_one_that_went_on(elevationa
     # The rule without the frames takes every short stop for a turn.
     frames = np.stack([frame_at(z) for z in forward + stop + on])
     estimate = speckle.estimate_motion(speckle.measure_pairs(frames, SCALE, curve.settings), curve)
-    blind = speckle.orient_planes(estimate.plane, estimate.magnitude, estimate.gram, speckle.SIGN_MOVES,
+    blind = speckle_sign.orient_planes(estimate.plane, estimate.magnitude, estimate.gram, speckle.SIGN_MOVES,
                                   curve.stop_threshold_mm, turn_pairs=1, pause_pairs=12, min_run_pairs=3)
     assert blind[len(forward) + 6] == -blind[0]
