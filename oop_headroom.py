@@ -12,6 +12,12 @@ parameters mirrors its transform through the image plane (``M T M`` with ``M = d
 
 - ``in-plane only``: out-of-plane motion 0, the best a model that does not predict it can reach;
 - ``mirrored``: every pair's out-of-plane motion reversed;
+- ``a coin per scan (expected)``: not a draw but the mean of the true motion and ``mirrored``, half the
+  errors of ``mirrored``. Where a scan has a mirror twin, another scan as likely, whose frames are the
+  same and whose out-of-plane motion is reversed (the simulator's scans that start in a longitudinal
+  plane: README, "Direction cues"), every image-only method predicts the same for both, and its errors
+  on the two add up to at least ``mirrored``'s (the triangle inequality, point by point): this is the
+  least it can expect there, and a method right in everything but the scan's overall direction reaches it;
 - ``sign p, blocks of B``: each run of B consecutive pairs given the right direction with
   probability p, independently (B = 1: scattered mistakes, which partly cancel; larger B: mistakes
   that last, as a model's do over a half-swing);
@@ -60,6 +66,7 @@ from utils.training_data import resolve_data_root
 
 log = logging.getLogger("oop_headroom")
 ERRORS = ("GPE", "GLE", "LPE", "LLE")
+COIN_PER_SCAN = "a coin per scan (expected)"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -140,6 +147,8 @@ def scan_rows(ref, calibration, accuracies, blocks, rng: np.random.Generator, mo
                                   height, width)[0]
         rows.append({"subject": ref.subject, "scan": ref.name, "variant": name, **{k: errors[k] for k in ERRORS},
                      "segments": int(segments.max()) + 1})
+        if name == "mirrored":
+            rows.append({**rows[-1], "variant": COIN_PER_SCAN, **{k: errors[k] / 2 for k in ERRORS}})
     return rows
 
 

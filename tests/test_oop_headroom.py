@@ -48,6 +48,9 @@ def test_errors_of_each_variant_match_the_closed_form(fan_data, tmp_path):
     in_plane_only = fan_errors(lambda i: 0.0)
     assert summary.loc["mirrored", "GPE"] == pytest.approx(mirrored[0], rel=1e-6)
     assert summary.loc["mirrored", "LPE"] == pytest.approx(mirrored[1], rel=1e-6)
+    # right or mirrored as a whole, each half the time: half the mirrored errors in expectation
+    assert summary.loc[oop_headroom.COIN_PER_SCAN, "GPE"] == pytest.approx(mirrored[0] / 2, rel=1e-6)
+    assert summary.loc[oop_headroom.COIN_PER_SCAN, "LPE"] == pytest.approx(mirrored[1] / 2, rel=1e-6)
     assert summary.loc["in-plane only", "GPE"] == pytest.approx(in_plane_only[0], rel=1e-6)
     assert summary.loc["in-plane only", "LPE"] == pytest.approx(in_plane_only[1], rel=1e-6)
     assert summary.loc["sign 1, blocks of 1", "GPE"] < 1e-6  # always right: the truth (float32 poses re-chained)

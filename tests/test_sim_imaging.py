@@ -294,3 +294,43 @@ def test_skin_entry_echo_is_a_band_under_the_face_only_where_tissue_touches_it(s
     deep_plain = Renderer(geometry, deep).iq(np.eye(4))
     deep_entry = Renderer(geometry, deep, settings=RenderSettings(entry_echo_db=8.0)).iq(np.eye(4))
     np.testing.assert_array_equal(deep_entry, deep_plain)
+
+
+def test_mirrored_tissue_seen_from_the_mirrored_pose_gives_the_same_frame(small_scene):
+    """The simulator's images cannot tell a scan from its mirror twin (README, "Direction cues").
+
+    Reflecting the tissue through a plane and the pose with it (its elevational axis reversed, so the
+    image frame stays right-handed) gives the same frame: the lateral and axial point spread and the
+    elevational beam profile are symmetric, and envelope detection keeps no phase. A twin's out-of-plane
+    motion is reversed, its in-plane motion unchanged, so no image-only method can tell the two apart.
+    """
+    geometry, _ = small_scene
+    width_mm = geometry.width * SMALL_PIXEL_MM[0]
+    rng = np.random.default_rng(5)
+    count = 120_000
+    positions = np.array([-10.0, 0.0, -7.0]) + rng.random((count, 3)) * np.array([width_mm + 20, 100.0, 11.0])
+    amplitudes = (rng.standard_normal(count) + 1j * rng.standard_normal(count)) * 0.5
+    bright = (np.abs(positions[:, 2] - 2.0) < 1.0) & (positions[:, 1] > 40)  # a sheet off the image plane
+    amplitudes[bright] *= 8.0
+    normals = np.zeros((count, 3))
+    mirror = np.diag([1.0, 1.0, -1.0, 1.0])  # tissue reflected through Z = 0 (any plane would do)
+    flip_elevation = np.diag([1.0, 1.0, -1.0, 1.0])  # the image frame's z (elevational) axis reversed
+    tissue = Renderer(geometry, bin_scatterers(positions, amplitudes, normals), uniform_medium(geometry))
+    twin = Renderer(geometry, bin_scatterers(positions * [1, 1, -1], amplitudes, normals), uniform_medium(geometry))
+
+    # a pose tilted out of plane and twisted, so that the elevational profile samples both sides unevenly
+    c, s = math.cos(math.radians(12.0)), math.sin(math.radians(12.0))
+    pose = np.array([[c, 0.0, s, 2.0], [0.0, 1.0, 0.0, 1.5], [-s, 0.0, c, 0.8], [0.0, 0.0, 0.0, 1.0]])
+    tilt = math.radians(6.0)
+    pose = pose @ np.array([[1.0, 0.0, 0.0, 0.0], [0.0, math.cos(tilt), -math.sin(tilt), 0.0],
+                            [0.0, math.sin(tilt), math.cos(tilt), 0.0], [0.0, 0.0, 0.0, 1.0]])
+    twin_pose = mirror @ pose @ flip_elevation
+    assert np.linalg.det(twin_pose[:3, :3]) == pytest.approx(1.0)
+
+    original, mirrored = tissue.iq(pose), twin.iq(twin_pose)
+    scale = np.abs(original).max()
+    np.testing.assert_allclose(mirrored, original, atol=1e-4 * scale)
+    np.testing.assert_array_equal(twin.render(twin_pose, noise_seed=3), tissue.render(pose, noise_seed=3))
+    # ... and the twin seen from the unmirrored pose is another frame (the test can fail)
+    other = twin.iq(pose)
+    assert np.abs(other - original).max() > 0.3 * scale
