@@ -512,6 +512,36 @@ def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
     assert speckle_sign.sized_quarter_turns(estimate, signs, magnitude, runs, unsized) is estimate
 
 
+def test_a_quarter_turn_is_turned_about_the_probe_axis_before_it_is_sized():
+    """A quarter turn whose measured fields also tilt the image along depth (p2) and are off the axis (p0):
+    its fields become turns about the probe's axis (the grid's lateral middle, x = 40: ``twist_planes``),
+    sized to the calibrated 90 degrees; the tilt is gone from the motion."""
+    rates = [0.0] * 4 + [0.04] * 30 + [0.0] * 4
+    canonical, true = twist_planes(rates)
+    spurious = canonical.clone()
+    spurious[4:34, 2] += 0.01  # a depth slope, a_X of 0.57 degrees a pair: 17 over the turn
+    spurious[4:34, 0] += 0.3  # and 0.3 mm of t_z
+    magnitude = rms(spurious)
+    calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
+                                             pause_pairs=8, quarter_turn_deg=90.0)
+    estimate = speckle.MotionEstimate(torch.zeros(len(rates), dtype=torch.float64),
+                                      torch.zeros(len(rates), 2, dtype=torch.float64), spurious, magnitude, GRAM)
+    signs = speckle_sign.orient_planes(spurious, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
+    runs = speckle_sign._moving_runs(spurious, magnitude, GRAM, 0.1)
+    sized = speckle_sign.sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
+    oriented = sized.plane * signs[:, None]
+    # d = p1 (x - 40): no depth slope, zero on the axis; the turn's net a_Y is the calibrated 90 degrees
+    torch.testing.assert_close(oriented[4:34, 2], torch.zeros(30, dtype=torch.float64))
+    torch.testing.assert_close(oriented[4:34, 0], -40.0 * oriented[4:34, 1])
+    assert abs(np.degrees(speckle_sign.motion_parameters(sized, signs)[:, 1].sum().item())) == pytest.approx(90.0, abs=0.2)
+    # the same direction as the true turn, each pair the same size (the rates were equal)
+    assert bool(((oriented[4:34] @ GRAM * true[4:34]).sum(-1) > 0).all()) or \
+        bool(((oriented[4:34] @ GRAM * true[4:34]).sum(-1) < 0).all())
+    torch.testing.assert_close(oriented[4:34, 1], oriented[4:5, 1].expand(30))
+    torch.testing.assert_close(sized.magnitude, rms(sized.plane))
+    torch.testing.assert_close(sized.plane[:4], spurious[:4])  # nothing moved outside the turn
+
+
 def test_a_run_is_of_the_kind_carrying_most_of_its_motion_not_of_its_strongest_pair():
     """A twist of 10 pairs, two of them fitted as a larger tilt (as happens where few patches correlate):
     the run is a twist, starts the twists' habitual way, and its direction comes from its twist pairs."""
