@@ -490,19 +490,25 @@ def test_quarter_turn_is_the_median_net_twist_of_the_training_moves():
     assert speckle_sign.calibrate_quarter_turn(local[:2] + [local_from(a_y=cut)]) == pytest.approx(90.0, abs=0.5)
 
 
+def quarter_turn_case(planes):
+    """Canonical fields [M, 3] as the ``moves`` rule sees them, with a calibrated quarter turn of 90 degrees:
+    ``(magnitude, calibration, estimate, signs, runs)``."""
+    magnitude = rms(planes)
+    calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
+                                             pause_pairs=8, quarter_turn_deg=90.0)
+    estimate = speckle.MotionEstimate(torch.zeros(len(planes), dtype=torch.float64),
+                                      torch.zeros(len(planes), 2, dtype=torch.float64), planes, magnitude, GRAM)
+    signs = speckle_sign.orient_planes(planes, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
+    return magnitude, calibration, estimate, signs, speckle_sign._moving_runs(planes, magnitude, GRAM, 0.1)
+
+
 def test_a_quarter_turn_measured_short_is_resized_to_the_calibrated_one():
     rates = [0.03] * 20 + STOP * 12 + [0.03] * 8  # a twist of 20 pairs (34 degrees), a pause, one of 8 (14)
     canonical, true = twist_planes(rates)
-    magnitude = rms(canonical)
-    calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
-                                             pause_pairs=8, quarter_turn_deg=90.0)
-    estimate = speckle.MotionEstimate(torch.zeros(len(rates), dtype=torch.float64),
-                                      torch.zeros(len(rates), 2, dtype=torch.float64), canonical, magnitude, GRAM)
-    signs = speckle_sign.orient_planes(canonical, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
+    magnitude, calibration, estimate, signs, runs = quarter_turn_case(canonical)
     a_y = lambda e: np.degrees(speckle_sign.motion_parameters(e, signs)[:, 1].numpy())  # noqa: E731
     before = a_y(estimate)
     assert abs(before[:20].sum()) == pytest.approx(np.degrees(np.arcsin(0.03)) * 20)  # 34.4 > 0.35 x 90
-    runs = speckle_sign._moving_runs(canonical, magnitude, GRAM, 0.1)
     sized = speckle_sign.sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
     after = a_y(sized)
     assert abs(after[:20].sum()) == pytest.approx(90.0, abs=0.2)  # resized (to first order: a_Y = -asin p1)
@@ -521,13 +527,7 @@ def test_a_quarter_turn_is_turned_about_the_probe_axis_before_it_is_sized():
     spurious = canonical.clone()
     spurious[4:34, 2] += 0.01  # a depth slope, a_X of 0.57 degrees a pair: 17 over the turn
     spurious[4:34, 0] += 0.3  # and 0.3 mm of t_z
-    magnitude = rms(spurious)
-    calibration = speckle.SpeckleCalibration((0.0, 1000.0), (1.0,), (1.0,), PIXEL_MM, stop_threshold_mm=0.1,
-                                             pause_pairs=8, quarter_turn_deg=90.0)
-    estimate = speckle.MotionEstimate(torch.zeros(len(rates), dtype=torch.float64),
-                                      torch.zeros(len(rates), 2, dtype=torch.float64), spurious, magnitude, GRAM)
-    signs = speckle_sign.orient_planes(spurious, magnitude, GRAM, speckle.SIGN_MOVES, 0.1, pause_pairs=8)
-    runs = speckle_sign._moving_runs(spurious, magnitude, GRAM, 0.1)
+    magnitude, calibration, estimate, signs, runs = quarter_turn_case(spurious)
     sized = speckle_sign.sized_quarter_turns(estimate, signs, magnitude, runs, calibration)
     oriented = sized.plane * signs[:, None]
     # d = p1 (x - 40): no depth slope, zero on the axis; the turn's net a_Y is the calibrated 90 degrees
