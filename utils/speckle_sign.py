@@ -490,7 +490,7 @@ def about_probe_axis(plane: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
     The protocol's quarter turn is a rotation about the probe's axis, which moves the image out of plane
     by ``-sin(a_Y) (x - x_m)``, not at all along depth. The measured fields of its pairs have a depth slope
-    too (a_X: 28 degrees over one quarter turn of data/habit_dev2, against 2 in the true motion), which a
+    too (a_X: 28.5 degrees over one quarter turn of data/habit_dev2, 1.3 in the true motion), which a
     twist's decorrelation pins poorly: most of the image decorrelates and the few patches left that
     correlate are read through a curve fitted on the training scans' small transverse moves. A
     least-squares projection over the image onto the one field that is a turn about the axis keeps the
