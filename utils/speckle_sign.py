@@ -472,15 +472,15 @@ def sized_quarter_turns(estimate: MotionEstimate, signs: torch.Tensor, magnitude
     twists.append(current)
     a_y = motion_parameters(estimate, signs)[:, 1]
     plane, sized_magnitude = estimate.plane.clone(), estimate.magnitude.clone()
+    points = estimate.gram[0, 0].clamp_min(1.0)  # the grid's patch count: magnitudes are RMS over it
     for pairs in (pairs for pairs in twists if pairs):
         net = abs(math.degrees(float(a_y[pairs].sum())))
         if net > QUARTER_TURN_DETECT * calibration.quarter_turn_deg:
             turned = about_probe_axis(estimate.plane[pairs], gram_of_kinds(estimate))
             net = abs(math.degrees(float(-torch.asin((turned[:, 1] * signs[pairs]).clamp(-1, 1)).sum())))
             plane[pairs] = turned * (calibration.quarter_turn_deg / net if net > 0 else 0.0)
-    changed = (plane != estimate.plane).any(-1)
-    points = estimate.gram[0, 0].clamp_min(1.0)
-    sized_magnitude[changed] = (plane[changed] @ estimate.gram * plane[changed]).sum(-1).div(points).clamp_min(0).sqrt()
+            energy = (plane[pairs] @ estimate.gram * plane[pairs]).sum(-1)
+            sized_magnitude[pairs] = energy.div(points).clamp_min(0).sqrt()
     return dataclasses.replace(estimate, plane=plane, magnitude=sized_magnitude)
 
 
